@@ -1,0 +1,1 @@
+"""Serving half: settings, model resolution, backends, history handling and the Gradio UI."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded SmolLM2 and tiny random-weight models. Nothing here touches the network."""
+from __future__ import annotations
+
+import os
+
+# Tests never download: any code path that tries fails loudly instead of hanging on a closed network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF."""
+    from chatbot.models import embedded_gguf_path
+
+    return embedded_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2_gguf):
+    """The embedded model's real tokenizer (byte-level BPE, ChatML template) saved as an HF tokenizer dir."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+def _tiny_model_dir(tmp_path_factory, shape, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from training.shapes import build_tiny_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return build_tiny_checkpoint(shape, tok, tmp_path_factory.mktemp(shape))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """An HF checkpoint dir: Llama architecture, random weights, SmolLM2's tokenizer and chat template."""
+    return _tiny_model_dir(tmp_path_factory, "tiny-llama", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """An HF checkpoint dir: Qwen2 architecture, random weights, SmolLM2's tokenizer and chat template."""
+    return _tiny_model_dir(tmp_path_factory, "tiny-qwen2", smollm2_tokenizer_dir)

@@ -1,0 +1,1 @@
+"""Training half: data, QLoRA fine-tuning, evaluation, merge, GGUF export and upload."""

@@ -1,0 +1,322 @@
+"""Fine-tune a small chat model with (Q)LoRA, from raw data to the files the Space serves.
+
+    python training/finetune.py --config training/configs/smollm2-135m-cpu.yaml [--section.option VALUE ...]
+    python training/finetune.py --config ... --resume            # continue from the newest checkpoint
+    python training/finetune.py --help                           # every option with its default
+
+Steps, in order: tokenizer + chat template -> data (load, clean, mix, split, report) -> tokenise with loss on
+assistant tokens only -> base model with LoRA (4-bit nf4 on CUDA, bf16, or fp32 on CPU) -> transformers'
+Trainer (eval + checkpoints every N steps) -> adapter -> merged 16-bit model -> GGUF -> summary, loss plot,
+model card -> optional upload. Run dir layout:
+
+    OUT/config.yaml  OUT/data_report.json  OUT/data_lengths.png  OUT/checkpoint-N/  OUT/adapter/
+    OUT/merged/  OUT/gguf/*.gguf  OUT/summary.json  OUT/loss.png  OUT/README.md  (OUT/base/ for a GGUF base)
+
+Works unchanged under `accelerate launch` / `torchrun` (DDP): every rank trains, rank 0 writes the outputs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.chat_format import encode_conversation, prepare_tokenizer
+from training.config import TrainConfig, config_to_dict, parse_config, save_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[finetune] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- data -> tensors
+
+def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int) -> tuple[list[dict], Counter]:
+    """Pre-tokenised examples (masking from chat_format) and the count of rows dropped, by reason."""
+    examples, dropped = [], Counter()
+    for row in rows:
+        try:
+            ex = encode_conversation(tokenizer, row["messages"], max_length)
+        except Exception as exc:  # a row the template rejects (role order, ...) is skipped and counted
+            dropped[f"template_error: {type(exc).__name__}"] += 1
+            continue
+        if ex is None:
+            dropped["no_assistant_tokens_within_max_length"] += 1
+            continue
+        examples.append(ex)
+    return examples, dropped
+
+
+def make_collator(cfg: TrainConfig, tokenizer):
+    """Padding collator (labels padded with -100); `train.packing` swaps in padding-free batches where sequences
+    are concatenated and told apart by position_ids (the throughput hook)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.train.packing:
+        return DataCollatorWithFlattening(return_position_ids=True)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
+def _resolve_sources(cfg: TrainConfig) -> None:
+    """Recipes name repo files relative to the repo root; let them work from any working directory."""
+    for src in cfg.data.sources:
+        if not Path(src.path).exists() and (REPO_ROOT / src.path).exists():
+            src.path = str(REPO_ROOT / src.path)
+    if cfg.data.validation_path and not Path(cfg.data.validation_path).exists() \
+            and (REPO_ROOT / cfg.data.validation_path).exists():
+        cfg.data.validation_path = str(REPO_ROOT / cfg.data.validation_path)
+
+
+# ---------------------------------------------------------------- trainer setup
+
+def _report_to(value: str) -> list[str]:
+    if value == "auto":
+        import importlib.util
+
+        return [name for name, mod in (("tensorboard", "tensorboard"), ("wandb", "wandb"))
+                if importlib.util.find_spec(mod)]
+    return [] if value == "none" else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    optim = t.optim
+    if "8bit" in optim and mode != "qlora":
+        optim = "adamw_torch"  # 8-bit optimizers need CUDA + bitsandbytes
+    eval_every = t.eval_steps if has_eval and t.eval_steps > 0 else None
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optim,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=mode in ("qlora", "bf16") and torch.cuda.is_available(),
+        report_to=_report_to(t.report_to),
+        use_liger_kernel=t.use_liger,
+        dataloader_num_workers=t.dataloader_num_workers,
+        include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+    )
+
+
+def _peak_memory_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# ---------------------------------------------------------------- outputs
+
+def plot_losses(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("train_loss", "train"), ("eval_loss", "eval")):
+        points = summary[key]
+        if points:
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], marker="." if key == "eval_loss"
+                    else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(summary["config"]["train"]["output_dir"]).name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def export_gguf_step(cfg: TrainConfig, merged_dir: Path, out: Path) -> list[Path]:
+    """GGUF files from the merged model; an unsupported architecture is reported, not fatal."""
+    if not cfg.export.gguf:
+        return []
+    try:
+        from training.export_gguf import ExportError, export_gguf
+    except ModuleNotFoundError as exc:
+        if exc.name != "training.export_gguf":
+            raise
+        log("GGUF export skipped: training/export_gguf.py is not available")
+        return []
+    metadata = {"general.name": cfg.hub.push_to_hub or out.name, "general.base_model": cfg.model.name_or_path}
+    try:
+        files = export_gguf(merged_dir, out / "gguf", cfg.export.gguf_quants, metadata=metadata)
+    except ExportError as exc:
+        log(f"GGUF export skipped: {exc}")
+        return []
+    for f in files:
+        log(f"wrote {f}")
+    return [Path(f) for f in files]
+
+
+# ---------------------------------------------------------------- the run
+
+def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
+    """Train, merge, export; returns the summary (also written to OUT/summary.json)."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from training.data import prepare_data
+    from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, \
+        merge_adapter, resolve_mode
+
+    started = time.time()
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _resolve_sources(cfg)
+    save_config(cfg, out / "config.yaml")
+    set_seed(cfg.train.seed)
+    mode = resolve_mode(cfg.model.mode)
+    log(f"mode={mode}  output_dir={out}")
+
+    # 1. Tokenizer with a chat template and pad != eos (so EOS stays a trained label).
+    tokenizer = load_tokenizer(cfg.model)
+    new_token_ids = prepare_tokenizer(tokenizer, cfg.model.chat_template)
+    base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
+
+    # 2. Data: normalised messages, cleaned, mixed and split by training.data; then masked tensors.
+    data = prepare_data(cfg.data, tokenizer=tokenizer, log=log)
+    data.report.write(out)
+    log(data.report.summary())
+    train_rows, train_drop = tokenize_rows(data.train, tokenizer, cfg.train.max_length)
+    eval_rows, eval_drop = tokenize_rows(data.validation, tokenizer, cfg.train.max_length)
+    for split, dropped in (("train", train_drop), ("validation", eval_drop)):
+        for reason, n in sorted(dropped.items()):
+            log(f"{split}: dropped {n} rows: {reason}")
+    if not train_rows:
+        raise ValueError("no usable training examples left after tokenisation; see the drops above")
+    log(f"examples: train={len(train_rows)} validation={len(eval_rows)}")
+
+    # 3. Model: the base (4-bit / bf16 / fp32) with LoRA adapters.
+    model = load_model_for_training(base, cfg.model, cfg.lora, mode, tokenizer, new_token_ids)
+    model.print_trainable_parameters()
+
+    # 4. Train with transformers' Trainer.
+    callbacks = list(callbacks)
+    if cfg.hub.push_checkpoints and cfg.hub.push_to_hub:
+        from training.hub import CheckpointPusher
+
+        callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(cfg, mode, has_eval=bool(eval_rows)),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        data_collator=make_collator(cfg, tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    resume_from = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if cfg.train.resume:
+        log(f"resuming from {resume_from}" if resume_from else "--resume: no checkpoint in output_dir, starting")
+    elif resume_from:
+        log(f"{out} already has {Path(resume_from).name}; starting over (pass --resume to continue it)")
+        resume_from = None
+    tokens_before = 0
+    if resume_from:
+        state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
+        tokens_before = state.get("num_input_tokens_seen", 0)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    final_eval = trainer.evaluate() if eval_rows else {}
+    history = list(trainer.state.log_history)  # restored from the checkpoint on resume: the whole run's curve
+    if not trainer.is_world_process_zero():
+        return {}
+
+    # 5. Adapter, then the merged 16-bit model (merged into a full-precision copy of the base), then GGUF.
+    model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    merged_dir = None
+    if cfg.export.merge:
+        del trainer, model
+        merged_dir = merge_adapter(base, out / "adapter", out / "merged", tokenizer, cfg.export.merged_dtype,
+                                   cfg.model.trust_remote_code)
+        log(f"wrote {merged_dir}")
+    gguf_files = export_gguf_step(cfg, merged_dir, out) if merged_dir else []
+
+    # 6. Summary, loss plot, model card.
+    train_runtime = result.metrics.get("train_runtime", 0.0)
+    tokens_seen = result.metrics.get("num_input_tokens_seen") or 0
+    summary = {
+        "steps": result.global_step,
+        "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "final_eval_loss": final_eval.get("eval_loss"),
+        "final_train_loss": result.training_loss,
+        "examples": {"train": len(train_rows), "validation": len(eval_rows)},
+        "dropped_at_tokenisation": {"train": dict(train_drop), "validation": dict(eval_drop)},
+        "tokens_trained": tokens_seen,
+        "tokens_per_second": (tokens_seen - tokens_before) / train_runtime if train_runtime else None,
+        "train_runtime_s": train_runtime,
+        "peak_memory_gb": round(_peak_memory_gb(), 3),
+        "wall_time_s": round(time.time() - started, 1),
+        "mode": mode,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "resumed_from": Path(resume_from).name if resume_from else None,
+        "gguf_files": [f.name for f in gguf_files],
+        "config": config_to_dict(cfg),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot_losses(summary, out / "loss.png")
+
+    from training.hub import model_card, push_run
+
+    (out / "README.md").write_text(model_card(cfg, summary, data.report.to_dict()))
+    log(f"train loss {summary['final_train_loss']:.4f}  eval loss {summary['final_eval_loss']}  "
+        f"{summary['tokens_per_second'] or 0:.0f} tokens/s  peak {summary['peak_memory_gb']:.2f} GB  "
+        f"wall {summary['wall_time_s']:.0f}s")
+    if cfg.hub.push_to_hub:
+        url = push_run(out, cfg.hub.push_to_hub, private=cfg.hub.private)
+        log(f"uploaded to {url}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.config import ConfigError
+
+    try:
+        cfg = parse_config(None if argv is None else list(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

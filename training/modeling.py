@@ -1,0 +1,144 @@
+"""Load the base model for LoRA training (QLoRA 4-bit / bf16 / fp32) and merge the adapter back into it.
+
+A GGUF base (the Space's embedded SmolLM2, or any .gguf the user names) is dequantised by transformers and
+written once as a normal HF checkpoint (`OUT/base/`), so every later step - 4-bit loading, merging, export -
+treats it like any other base.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from training.config import LoraSection, ModelConfig
+
+
+def resolve_base(model: ModelConfig) -> tuple[str, str | None]:
+    """(directory or Hub id, gguf file name or None) for the configured base."""
+    name, gguf = model.name_or_path, model.gguf_file
+    if name == "embedded":
+        from chatbot.models import embedded_gguf_path
+
+        path = embedded_gguf_path()
+        return str(path.parent), path.name
+    if name.endswith(".gguf") and Path(name).is_file():
+        return str(Path(name).resolve().parent), Path(name).name
+    return name, gguf
+
+
+def load_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source, gguf = resolve_base(model)
+    return AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=model.trust_remote_code)
+
+
+def materialize_gguf_base(model: ModelConfig, out_dir: Path, tokenizer) -> str:
+    """A GGUF base as an HF checkpoint dir (fp32, reused if already there); other bases are returned unchanged.
+
+    `save_pretrained` refuses a GGUF-loaded model, so a fresh model is built from its config and given the
+    dequantised state dict.
+    """
+    source, gguf = resolve_base(model)
+    if not gguf:
+        return source
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return str(out_dir)
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=False)
+    fresh.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir)  # atomic: a killed run never leaves a half-written base behind
+    return str(out_dir)
+
+
+def resolve_mode(mode: str) -> str:
+    """auto -> qlora when CUDA and bitsandbytes are there, else fp32; an explicit mode that cannot run fails."""
+    has_cuda = torch.cuda.is_available()
+    try:
+        import bitsandbytes  # noqa: F401
+        has_bnb = True
+    except Exception:  # bitsandbytes raises various errors on machines without CUDA
+        has_bnb = False
+    if mode == "auto":
+        return "qlora" if has_cuda and has_bnb else "fp32"
+    if mode == "qlora" and not (has_cuda and has_bnb):
+        raise ValueError("model.mode='qlora' needs CUDA and bitsandbytes; use model.mode=bf16 or fp32 (or auto)")
+    return mode
+
+
+def local_device_map():
+    """Each DDP process (accelerate launch / torchrun) puts its whole model on its own GPU."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mode: str, tokenizer,
+                            new_token_ids: list[int] = ()):
+    """The base with LoRA adapters attached, ready for Trainer."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = dict(trust_remote_code=model.trust_remote_code, device_map=local_device_map())
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    if mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = torch.bfloat16 if mode == "bf16" else torch.float32
+    m = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if len(tokenizer) > m.get_input_embeddings().weight.shape[0]:
+        m.resize_token_embeddings(len(tokenizer))
+    m.config.pad_token_id = tokenizer.pad_token_id
+    m.config.use_cache = False  # incompatible with gradient checkpointing; the merged model re-enables it
+    if mode == "qlora":
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=model.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model.gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph under checkpointing
+    target = lora.target_modules
+    peft_cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, task_type="CAUSAL_LM",
+        target_modules="all-linear" if target in (["all-linear"], "all-linear") else list(target),
+        # Rows of tokens the template/pad added are random: train just those rows of the embedding.
+        trainable_token_indices=list(new_token_ids) or None)
+    return get_peft_model(m, peft_cfg)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, tokenizer, dtype: str = "bfloat16",
+                  trust_remote_code: bool = False) -> Path:
+    """LoRA merged into a full-precision (fp32, on CPU) copy of the base - never into 4-bit weights - then saved
+    in `dtype` with the tokenizer (and its chat template) next to it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if len(tokenizer) > m.get_input_embeddings().weight.shape[0]:
+        m.resize_token_embeddings(len(tokenizer))
+    m = PeftModel.from_pretrained(m, str(adapter_dir)).merge_and_unload()
+    m = m.to(DTYPES[dtype])
+    m.config.use_cache = True
+    m.config.pad_token_id = tokenizer.pad_token_id
+    m.config.eos_token_id = tokenizer.eos_token_id
+    if m.generation_config is not None:
+        m.generation_config.pad_token_id = tokenizer.pad_token_id
+        m.generation_config.eos_token_id = tokenizer.eos_token_id
+    out_dir = Path(out_dir)
+    m.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,128 @@
+"""Every CHATBOT_* setting, read from the environment in one place and validated at start-up.
+
+A bad value raises ConfigError with one line naming the variable, the value and what is accepted;
+app.py prints that line and exits 2, so a user error never shows a stack trace.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, TypeVar
+
+BACKEND_NAMES = ("llama_cpp", "transformers", "mock", "openai")
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:8080/v1"  # llama.cpp's llama-server default
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user configuration error; str() is the one line shown to the user."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "llama_cpp"
+    model: str | None = None             # Hub repo id or local path; None = the backend's default
+    gguf_file: str | None = None         # llama_cpp: file name or glob inside CHATBOT_MODEL
+    adapter: str | None = None           # transformers: PEFT adapter repo id or path
+    revision: str | None = None          # Hub revision (branch, tag or commit) of model and adapter
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_new_tokens: int = 512
+    temperature: float = 0.2             # SmolLM2's model card recommends 0.2 / 0.9
+    top_p: float = 0.9
+    seed: int | None = None
+    n_ctx: int = 4096                    # 0 = the model's full trained length
+    threads: int = 2
+    max_input_chars: int = 8000
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    openai_api_key: str = field(default="sk-no-key-required", repr=False)
+    mock_delay: float = 0.05
+    mock_reply: str | None = None
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    # Spaces and docker often pass unset variables as empty strings: treat those as unset.
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _bad(name: str, value: str, accepted: str) -> ConfigError:
+    return ConfigError(f"{name}={value!r} is not valid; accepted: {accepted}")
+
+
+def _number(env: Mapping[str, str], name: str, kind: Callable[[str], T], default: T,
+             lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> T:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    what = "an integer" if kind is int else "a number"
+    if lo is not None and hi is not None:
+        accepted = f"{what} {'>' if lo_open else '>='} {lo} and <= {hi}"
+    elif lo is not None:
+        accepted = f"{what} {'>' if lo_open else '>='} {lo}"
+    else:
+        accepted = what
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise _bad(name, raw, accepted) from None
+    if value != value or (lo is not None and (value <= lo if lo_open else value < lo)) \
+            or (hi is not None and value > hi):
+        raise _bad(name, raw, accepted)
+    return value
+
+
+def default_threads(env: Mapping[str, str]) -> int:
+    """CPU_CORES (set by Hugging Face Spaces to the vCPUs the Space really has), else os.cpu_count()."""
+    return _number(env, "CPU_CORES", int, os.cpu_count() or 1, lo=1)
+
+
+def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
+    backend = (_get(env, "CHATBOT_BACKEND") or "llama_cpp").lower().replace("-", "_")
+    if backend not in BACKEND_NAMES:
+        raise _bad("CHATBOT_BACKEND", env["CHATBOT_BACKEND"], ", ".join(BACKEND_NAMES))
+
+    model = _get(env, "CHATBOT_MODEL")
+    gguf_file = _get(env, "CHATBOT_GGUF_FILE")
+    adapter = _get(env, "CHATBOT_ADAPTER")
+    if gguf_file is not None and model is None:
+        raise _bad("CHATBOT_GGUF_FILE", gguf_file,
+                   "a file name or glob inside CHATBOT_MODEL, so CHATBOT_MODEL must be set too")
+    if adapter is not None and backend != "transformers":
+        raise _bad("CHATBOT_ADAPTER", adapter, "a PEFT adapter only with CHATBOT_BACKEND=transformers "
+                   "(for llama_cpp merge it and export a GGUF)")
+
+    base_url = _get(env, "CHATBOT_OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL
+    if not base_url.startswith(("http://", "https://")):
+        raise _bad("CHATBOT_OPENAI_BASE_URL", base_url, "an http:// or https:// URL, e.g. " + DEFAULT_OPENAI_BASE_URL)
+
+    n_ctx = _number(env, "CHATBOT_N_CTX", int, 4096, lo=0)
+    max_new_tokens = _number(env, "CHATBOT_MAX_NEW_TOKENS", int, 512, lo=1)
+    if n_ctx and max_new_tokens >= n_ctx:
+        raise _bad("CHATBOT_MAX_NEW_TOKENS", str(max_new_tokens),
+                   f"an integer >= 1 and below CHATBOT_N_CTX={n_ctx}, leaving room for the prompt")
+
+    return Settings(
+        backend=backend,
+        model=model,
+        gguf_file=gguf_file,
+        adapter=adapter,
+        revision=_get(env, "CHATBOT_REVISION"),
+        # Not stripped of inner whitespace, but an explicitly empty value means "no system prompt".
+        system_prompt=env.get("CHATBOT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT).strip(),
+        max_new_tokens=max_new_tokens,
+        temperature=_number(env, "CHATBOT_TEMPERATURE", float, 0.2, lo=0, hi=2),
+        top_p=_number(env, "CHATBOT_TOP_P", float, 0.9, lo=0, hi=1, lo_open=True),
+        seed=_number(env, "CHATBOT_SEED", int, None, lo=0),
+        n_ctx=n_ctx,
+        threads=_number(env, "CHATBOT_THREADS", int, default_threads(env), lo=1),
+        max_input_chars=_number(env, "CHATBOT_MAX_INPUT_CHARS", int, 8000, lo=1),
+        openai_base_url=base_url.rstrip("/"),
+        openai_api_key=_get(env, "OPENAI_API_KEY") or "sk-no-key-required",
+        mock_delay=_number(env, "CHATBOT_MOCK_DELAY", float, 0.05, lo=0, hi=60),
+        mock_reply=_get(env, "CHATBOT_MOCK_REPLY"),
+    )

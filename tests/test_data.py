@@ -1,0 +1,505 @@
+"""training/data.py: every input shape from fixture rows (malformed ones included, exact counts), the data-centric
+filters, mixing, the split, the report, and the shipped sample. CPU, no network."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from training import data as D
+from training.data import DataConfig, DataError, SourceConfig, prepare_data
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "training" / "data" / "sample.jsonl"
+
+
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+def S(text):
+    return {"role": "system", "content": text}
+
+
+def write_jsonl(path: Path, rows, raw_lines=()) -> str:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        for line in raw_lines:
+            f.write(line + "\n")
+    return str(path)
+
+
+def prep(path, fmt="auto", tokenizer=None, **cfg):
+    """prepare_data on one source with every option off unless asked for."""
+    source_keys = {"assistant_speaker", "window", "system", "weight", "split"}
+    src_kw = {k: cfg.pop(k) for k in list(cfg) if k in source_keys}
+    cfg.setdefault("dedup", False)
+    cfg.setdefault("validation_fraction", 0.0)
+    return prepare_data(DataConfig(sources=[SourceConfig(path=str(path), format=fmt, **src_kw)], **cfg),
+                        tokenizer=tokenizer, log=None)
+
+
+def drops(result):
+    return result.report.sources[0].dropped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def test_openai_messages_rows_and_every_malformed_reason(tmp_path):
+    rows = [
+        {"messages": [U("Hi"), A("Hello!")]},
+        {"messages": [S("Be brief."), U("Q1"), A("A1"), U("Q2"), A("A2")]},
+        {"messages": [{"role": "developer", "content": "Sys"}, U([{"type": "text", "text": "parts"}]), A("ok")]},
+        {"messages": [U("  padded  "), A(" answer\n")]},
+        {"other": 1},                                                 # missing_field
+        {"messages": [U("Hi"), {"role": "assistant"}]},               # missing_field
+        {"messages": [U("Hi"), A(42)]},                               # bad_type
+        {"messages": "not a list"},                                   # bad_type
+        {"messages": [U("Hi"), A("   ")]},                            # empty_turn
+        {"messages": [U("Hi"), {"role": "tool", "content": "x"}]},     # unknown_role
+        {"messages": [S("a"), S("b"), U("Hi"), A("x")]},              # multiple_system
+        {"messages": [U("Hi"), S("late"), A("x")]},                   # system_not_first
+        {"messages": [S("a"), U("Hi")]},                              # no_assistant_turn
+        {"messages": []},                                             # no_assistant_turn
+        {"messages": [A("first"), U("Hi"), A("x")]},                  # not_starting_with_user
+        {"messages": [U("Hi"), U("again"), A("x")]},                  # not_alternating
+        {"messages": [U("Hi"), A("x"), U("dangling")]},               # not_ending_in_assistant
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", rows, raw_lines=["{not json", "[1, 2]"])  # 2 x invalid_json
+    result = prep(path)
+    rep = result.report.sources[0]
+    assert (rep.format, rep.rows, rep.valid, rep.train) == ("messages", 19, 4, 4)
+    assert rep.dropped == {"invalid_json": 2, "missing_field": 2, "bad_type": 2, "empty_turn": 1,
+                           "unknown_role": 1, "multiple_system": 1, "system_not_first": 1,
+                           "no_assistant_turn": 2, "not_starting_with_user": 1, "not_alternating": 1,
+                           "not_ending_in_assistant": 1}
+    got = sorted(json.dumps(r["messages"]) for r in result.train)
+    want = sorted(json.dumps(m) for m in [[U("Hi"), A("Hello!")], rows[1]["messages"],
+                                          [S("Sys"), U("parts"), A("ok")], [U("padded"), A("answer")]])
+    assert got == want
+
+
+def test_sharegpt_finetome_rows(tmp_path):
+    rows = [
+        {"conversations": [{"from": "system", "value": "Sys"}, {"from": "human", "value": "Q"},
+                           {"from": "gpt", "value": "A"}], "source": "x", "score": 4.5},
+        {"conversations": [{"from": "user", "value": "Q1"}, {"from": "assistant", "value": "A1"},
+                           {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]},
+        {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "role/content keys"}]},
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},   # unknown_role
+        {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "A"}]},  # missing_field
+        {"source": "no conversations"},                                                       # missing_field
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
+                           {"from": "human", "value": "left hanging"}]},                      # not_ending_in_assistant
+        {"conversations": [{"from": "gpt", "value": "A"}, {"from": "gpt", "value": "B"}]},    # not_starting_with_user
+    ]
+    result = prep(write_jsonl(tmp_path / "ft.jsonl", rows))
+    rep = result.report.sources[0]
+    assert (rep.format, rep.valid) == ("sharegpt", 3)
+    assert rep.dropped == {"missing_field": 2, "unknown_role": 1, "not_starting_with_user": 1,
+                           "not_ending_in_assistant": 1}
+    assert {"messages": [S("Sys"), U("Q"), A("A")]} in result.train
+    assert {"messages": [U("Q1"), A("A1"), U("Q2"), A("A2")]} in result.train
+
+
+def test_alpaca_rows_from_a_json_file(tmp_path):
+    rows = [
+        {"instruction": "Translate.", "input": "Bonjour", "output": "Hello"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        {"instruction": "Say hi.", "output": "Hi!", "system": "Be kind."},
+        {"instruction": "No output"},                                  # missing_field
+        {"instruction": "  ", "input": "x", "output": "y"},            # empty_turn
+        {"instruction": "Count.", "input": "", "output": 3},           # bad_type
+    ]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps({"data": rows}))  # wrapped in an object, as some exports are
+    result = prep(path)
+    rep = result.report.sources[0]
+    assert (rep.format, rep.rows, rep.valid) == ("alpaca", 6, 3)
+    assert rep.dropped == {"missing_field": 1, "empty_turn": 1, "bad_type": 1}
+    assert {"messages": [U("Translate.\n\nBonjour"), A("Hello")]} in result.train
+    assert {"messages": [U("Say hi."), A("Hi!")]} in result.train
+    assert {"messages": [S("Be kind."), U("Say hi."), A("Hi!")]} in result.train
+
+
+def test_openorca_rows_from_a_csv_file(tmp_path):
+    path = tmp_path / "orca.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, ["id", "system_prompt", "question", "response"])
+        w.writeheader()
+        w.writerow({"id": 1, "system_prompt": "You are helpful.", "question": "2+2?", "response": "4"})
+        w.writerow({"id": 2, "system_prompt": "", "question": "Capital of France?", "response": "Paris"})
+        w.writerow({"id": 3, "system_prompt": "", "question": "Empty answer", "response": ""})  # empty_turn
+        w.writerow({"id": 4, "system_prompt": "", "question": "", "response": "orphan"})         # empty_turn
+    result = prep(path)
+    rep = result.report.sources[0]
+    assert (rep.format, rep.rows, rep.valid, rep.dropped) == ("openorca", 4, 2, {"empty_turn": 2})
+    assert {"messages": [S("You are helpful."), U("2+2?"), A("4")]} in result.train
+    assert {"messages": [U("Capital of France?"), A("Paris")]} in result.train
+
+
+def test_guanaco_rows_from_a_parquet_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [
+        "### Human: What is 2+2?### Assistant: 4",
+        "### Human: Hi### Assistant: Hello!### Human: How are you?### Assistant: Fine.",
+        "no markers at all",                                      # unparsable_text
+        "Preamble ### Human: Q### Assistant: A",                  # unparsable_text
+        "### Human: Q### Assistant:   ",                          # empty_turn
+        "### Human: only a question",                             # no_assistant_turn
+        "### Human: Q### Human: Q again### Assistant: A",         # not_alternating
+        None,                                                     # missing_field
+    ]
+    path = tmp_path / "guanaco.parquet"
+    pq.write_table(pa.table({"text": texts}), path)
+    result = prep(path)
+    rep = result.report.sources[0]
+    assert (rep.format, rep.rows, rep.valid) == ("guanaco", 8, 2)
+    assert rep.dropped == {"missing_field": 1, "unparsable_text": 2, "empty_turn": 1, "no_assistant_turn": 1,
+                           "not_alternating": 1}
+    assert {"messages": [U("Hi"), A("Hello!"), U("How are you?"), A("Fine.")]} in result.train
+
+
+def _utterances():
+    # Two scenes, rows deliberately out of order (timestamp decides), plus two malformed utterances.
+    scene1 = [("Ross", "We were on a break!"), ("Rachel", "No."), ("Monica", "Not again."),
+              ("Ross", "Fine."), ("Ross", "Totally fine."), ("Joey", "How you doin'?"), ("Ross", "Joey, no.")]
+    scene2 = [("Ross", "Dinosaurs!"), ("Chandler", "Could this BE more boring?"), ("Ross", "Yes.")]
+    rows = []
+    for conv, scene in (("s1", scene1), ("s2", scene2)):
+        for t, (speaker, text) in enumerate(scene):
+            rows.append({"id": f"{conv}-{t}", "conversation_id": conv, "speaker": speaker, "text": text,
+                         "timestamp": t})
+    random.Random(0).shuffle(rows)
+    rows += [{"conversation_id": "s1", "text": "who said this?", "timestamp": 99},     # missing_field
+             {"conversation_id": "s2", "speaker": "Ross", "text": " ", "timestamp": 98}]  # empty_turn
+    return rows
+
+
+def test_dialogue_windows_for_one_speaker(tmp_path):
+    path = write_jsonl(tmp_path / "utterances.jsonl", _utterances())
+    result = prep(path, assistant_speaker="ross", window=4, system="You are {speaker}.")
+    rep = result.report.sources[0]
+    # Ross speaks 4 times in s1 (the opener has no context -> no window) and twice in s2 (opener again).
+    assert (rep.format, rep.rows, rep.valid) == ("dialogue", 12, 4)
+    assert rep.dropped == {"missing_field": 1, "empty_turn": 1}
+    sys = S("You are Ross.")
+    want = [
+        [sys, U("Rachel: No.\nMonica: Not again."), A("Fine.")],
+        # window of 4 ending at "Totally fine.": two Ross turns in a row merge into one assistant turn
+        [sys, U("Rachel: No.\nMonica: Not again."), A("Fine.\nTotally fine.")],
+        # window ending at "Joey, no." starts with Ross's own turns, which are cut so that the user opens it
+        [sys, U("Joey: How you doin'?"), A("Joey, no.")],
+        [sys, U("Chandler: Could this BE more boring?"), A("Yes.")],
+    ]
+    assert sorted(json.dumps(r["messages"]) for r in result.train) == sorted(json.dumps(m) for m in want)
+
+
+def test_dialogue_every_speaker_in_turn_and_unknown_speaker(tmp_path):
+    path = write_jsonl(tmp_path / "utterances.jsonl", _utterances())
+    result = prep(path, window=3)
+    # every utterance but the two scene openers gets a window (7 - 1 + 3 - 1)
+    assert result.report.sources[0].valid == 8
+    assert {"messages": [U("Ross: Fine.\nRoss: Totally fine."), A("How you doin'?")]} in result.train
+    assert all(r["messages"][-1]["role"] == "assistant" for r in result.train)
+    with pytest.raises(DataError, match=r"assistant_speaker 'Phoebe' never speaks.*Ross"):
+        prep(path, assistant_speaker="Phoebe")
+
+
+def test_auto_detection_and_explicit_format_errors(tmp_path):
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "x", "completion": "y"}])
+    with pytest.raises(DataError, match=r"cannot detect the format.*completion.*prompt.*set format"):
+        prep(odd)
+    with pytest.raises(DataError, match=r"format='chatml'.*accepted: auto, messages, sharegpt"):
+        prep(odd, fmt="chatml")
+    # An explicit format overrides detection: these rows then lack the fields that format needs.
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"messages": [U("Hi"), A("Yo")]}])
+    with pytest.raises(DataError, match=r"no usable training rows left; dropped by reason: missing_field 1"):
+        prep(ok, fmt="alpaca")
+    with pytest.raises(DataError, match=r"source path '.*missing.jsonl' not found"):
+        prep(tmp_path / "missing.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading through `datasets`
+
+
+def test_dataset_directory_and_hub_ids_go_through_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"messages": [U(f"Q{i}"), A(f"A{i}")]} for i in range(6)]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows)  # a folder of data files: datasets.load_dataset(folder)
+    assert prep(folder).report.sources[0].valid == 6
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(saved))
+    assert prep(saved).report.train_rows == 4
+    assert prep(saved, split="test").report.train_rows == 2
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kw):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "q"},
+                                                              {"from": "gpt", "value": "a"}]}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = DataConfig(sources=[SourceConfig("mlabonne/FineTome-100k", max_rows=500),
+                              SourceConfig("Open-Orca/OpenOrca", subset="default", split="train[:1%]")],
+                     dedup=False, validation_fraction=0)
+    result = prepare_data(cfg, log=None)
+    assert calls == [("mlabonne/FineTome-100k", None, "train[:500]"), ("Open-Orca/OpenOrca", "default", "train[:1%]")]
+    assert [s.name for s in result.report.sources] == ["mlabonne/FineTome-100k", "Open-Orca/OpenOrca:default"]
+
+
+def test_hub_failure_names_the_source(monkeypatch):
+    import datasets
+
+    def offline(*a, **kw):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"could not load source 'someone/data'.*ConnectionError: offline"):
+        prep("someone/data")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data-centric filters
+
+
+def _qa_rows(n, prefix="Question"):
+    return [{"messages": [U(f"{prefix} number {i} about topic {i * 7 % 13}?"),
+                          A(f"Answer {i}: " + " ".join(f"w{(i * j) % 97}" for j in range(12)))]} for i in range(n)]
+
+
+def test_exact_dedup_folds_case_and_spacing(tmp_path):
+    rows = _qa_rows(20)
+    dups = [json.loads(json.dumps(rows[i])) for i in (0, 3, 3, 7)]
+    for d in dups:
+        d["messages"][0]["content"] = "  " + d["messages"][0]["content"].upper().replace(" ", "   ")
+    path = write_jsonl(tmp_path / "d.jsonl", rows + dups)
+    assert prep(path, dedup=False).report.train_rows == 24
+    deduped = prep(path, dedup=True)
+    assert deduped.report.train_rows == 20
+    assert drops(deduped) == {"duplicate": 4}
+    assert {json.dumps(r) for r in deduped.train} == {json.dumps(r) for r in rows}
+
+
+def test_near_dedup_removes_rewordings_only(tmp_path):
+    long_answer = ("Fine-tuning continues training a pretrained model on your own examples so that it adopts "
+                   "their task and style; it needs far less data and compute than training from scratch.")
+    rows = _qa_rows(40)
+    rows.append({"messages": [U("What is fine-tuning?"), A(long_answer)]})
+    near = [{"messages": [U("What is fine-tuning??"), A(long_answer)]},
+            {"messages": [U("what is FINE-tuning?"), A(long_answer.replace("far less", "much less"))]}]
+    far = {"messages": [U("What is fine-tuning?"), A("It adapts a model to your data.")]}
+    path = write_jsonl(tmp_path / "n.jsonl", rows + near + [far])
+    plain = prep(path, dedup=True)
+    assert plain.report.train_rows == 44  # exact dedup does not see them
+    result = prep(path, dedup=True, near_dedup=0.8)
+    assert drops(result) == {"near_duplicate": 2}
+    assert result.report.train_rows == 42
+    assert far in result.train
+
+
+def test_near_dedup_mask_matches_true_jaccard():
+    rng = random.Random(1)
+    words = [f"tok{i}" for i in range(400)]
+    base = [" ".join(rng.choices(words, k=80)) for _ in range(30)]
+    # one near copy per base text: four words replaced (Jaccard of the 5-shingles ~0.83)
+    near = [" ".join("CHANGED" if j in (10, 30, 50, 70) else w for j, w in enumerate(t.split())) for t in base]
+    mask = D.near_dedup_mask(base + near, threshold=0.7)
+    assert mask == [True] * 30 + [False] * 30
+    assert D.near_dedup_mask(base, threshold=0.7) == [True] * 30
+    assert D.near_dedup_mask(base + near, threshold=0.95) == [True] * 60
+
+
+def test_min_score_filters_only_scored_rows(tmp_path):
+    def row(i, score):
+        r = {"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+        if score is not None:
+            r["score"] = score
+        return r
+
+    path = write_jsonl(tmp_path / "s.jsonl", [row(0, 3.2), row(1, 4.0), row(2, 5.1), row(3, None), row(4, "4.5"),
+                                             row(5, "n/a")])
+    result = prep(path, min_score=4.0)
+    assert drops(result) == {"low_score": 1}
+    assert result.report.train_rows == 5
+    assert prep(path).report.train_rows == 6
+
+
+def test_length_filter_counts_templated_tokens(tmp_path, smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    rows = [{"messages": [U("Hi"), A(" ".join(["Hello"] * n))]} for n in (1, 5, 20, 60, 120)]
+    path = write_jsonl(tmp_path / "l.jsonl", rows)
+    lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+               for r in rows]
+    assert D.token_lengths(tok, [r["messages"] for r in rows]) == lengths
+    assert lengths == sorted(lengths) and len(set(lengths)) == 5
+    result = prep(path, tokenizer=tok, min_tokens=lengths[1], max_tokens=lengths[3])
+    assert drops(result) == {"too_short": 1, "too_long": 1}
+    assert sorted(result.report.train_lengths) == lengths[1:4]
+    assert result.report.length_unit == "tokens"
+    with pytest.raises(DataError, match="min_tokens/max_tokens need a tokenizer"):
+        prep(path, max_tokens=10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixing and the split
+
+
+def test_mixing_by_weight_and_max_rows(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", _qa_rows(10, "Alpha"))
+    b = write_jsonl(tmp_path / "b.jsonl", _qa_rows(20, "Beta"))
+
+    def mixed(max_rows=None, seed=42):
+        cfg = DataConfig(sources=[SourceConfig(a, weight=2.0), SourceConfig(b, weight=0.5)], max_rows=max_rows,
+                         validation_fraction=0, seed=seed)
+        return prepare_data(cfg, log=None)
+
+    def origin(result):
+        return [r["messages"][0]["content"].split()[0] for r in result.train]
+
+    full = mixed()
+    assert [s.train for s in full.report.sources] == [20, 10]
+    assert origin(full).count("Alpha") == 20 and origin(full).count("Beta") == 10
+    assert len({json.dumps(r) for r in full.train if "Alpha" in json.dumps(r)}) == 10  # every Alpha row twice
+    capped = mixed(max_rows=15)
+    assert [s.train for s in capped.report.sources] == [10, 5] and capped.report.train_rows == 15
+    assert mixed().train == full.train  # seeded
+    assert mixed(seed=7).train != full.train
+    assert D.mix_counts([3, 3, 3], [1, 1, 1], 4) == [2, 1, 1]
+    assert D.mix_counts([10, 0], [1, 5], None) == [10, 0]
+
+
+def test_split_is_seeded_and_independent_of_the_filters(tmp_path):
+    rows = _qa_rows(60)
+    rows += [json.loads(json.dumps(r)) for r in rows[:10]]  # exact duplicates
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    raw = prep(path, validation_fraction=0.1)
+    again = prep(path, validation_fraction=0.1)
+    deduped = prep(path, validation_fraction=0.1, dedup=True)
+    other_seed = prep(path, validation_fraction=0.1, seed=1)
+    assert len(raw.validation) == 7 and raw.validation == again.validation and raw.train == again.train
+    assert deduped.validation == raw.validation  # same held-out rows whatever the filters
+    assert other_seed.validation != raw.validation
+    held = {json.dumps(v) for v in raw.validation}
+    assert not any(json.dumps(t) in held for t in raw.train + deduped.train)
+    # duplicates of held-out rows are removed from train even with dedup off
+    n_leaks = sum(json.dumps(r) in held for r in rows) - len(raw.validation)
+    assert raw.report.sources[0].dropped.get("in_validation", 0) == n_leaks
+    assert raw.report.train_rows == 70 - 7 - n_leaks
+    capped = prep(path, validation_fraction=0.1, max_validation_rows=3)
+    assert len(capped.validation) == 3 and all(v in raw.validation for v in capped.validation)
+
+
+def test_fixed_validation_file(tmp_path):
+    rows = _qa_rows(12)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", rows[:2] + [{"messages": [U("only in val"), A("ok")]}, {"bad": 1}])
+    result = prep(train, validation_path=val, validation_fraction=0.5)
+    assert len(result.validation) == 3
+    assert drops(result) == {"in_validation": 2}
+    assert result.report.train_rows == 10
+
+
+def test_nothing_usable_is_a_clear_error(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [U("Hi")]}, {"messages": [A("x")]}],
+                       raw_lines=["oops"])
+    with pytest.raises(DataError, match="no usable training rows left; dropped by reason: invalid_json 1, "
+                                        "no_assistant_turn 1, not_starting_with_user 1"):
+        prep(path, fmt="messages")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"validation_fraction": 1.0}, r"validation_fraction=1.0; accepted: 0 <= value < 1"),
+    ({"near_dedup": 1.5}, r"near_dedup=1.5; accepted"),
+    ({"max_rows": 0}, r"max_rows=0; accepted: an integer >= 1"),
+    ({"weight": -1}, r"weight=-1 for source .*; accepted: a number >= 0"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, kwargs, match):
+    path = write_jsonl(tmp_path / "ok.jsonl", _qa_rows(3))
+    with pytest.raises(DataError, match=match):
+        prep(path, **kwargs)
+
+
+def test_no_sources_is_an_error():
+    with pytest.raises(DataError, match="DataConfig.sources is empty"):
+        prepare_data(DataConfig(), log=None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report and the shipped sample
+
+
+def test_report_summary_json_and_plot(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", _qa_rows(30) + [{"messages": [U("x")]}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "Say hi.", "output": "Hi"}] * 3)
+    lines = []
+    cfg = DataConfig(sources=[SourceConfig(a), SourceConfig(b)], validation_fraction=0.1)
+    result = prepare_data(cfg, log=lines.append)
+    rep = result.report
+    # a: 30 valid, round(10%) = 3 held out; b: 3 identical rows, round(0.3) = 0 held out, 2 duplicates dropped
+    assert rep.dropped == {"no_assistant_turn": 1, "duplicate": 2}
+    assert (rep.train_rows, rep.validation_rows) == (28, 3)
+    assert "\n".join(lines) == rep.summary()
+    assert "a.jsonl [messages]: 31 rows read, 30 valid, 3 held out" in rep.summary()
+    assert "dropped in total: no_assistant_turn 1, duplicate 2" in rep.summary()
+    report_path, plot_path = rep.write(tmp_path / "out")
+    saved = json.loads(report_path.read_text())
+    assert saved["dropped"] == rep.dropped and saved["train_rows"] == rep.train_rows
+    assert sum(saved["length_histogram"]["train"]) == rep.train_rows
+    assert sum(saved["length_histogram"]["validation"]) == rep.validation_rows
+    assert saved["config"]["sources"][1]["path"] == b
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shipped_sample_loads_cleanly_and_matches_its_generator(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_sample", REPO / "training" / "data" / "make_sample.py")
+    make_sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_sample)
+
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()
+    assert 300 <= len(lines) <= 500 and SAMPLE.stat().st_size < 1_000_000
+    assert [json.loads(l) for l in lines] == make_sample.build()  # the committed file is the generator's output
+
+    raw = prep(SAMPLE)
+    assert raw.report.sources[0].dropped == {} and raw.report.train_rows == len(lines)
+    kinds = [len(r["messages"]) for r in raw.train]
+    assert sum(r["messages"][0]["role"] == "system" for r in raw.train) > 50
+    assert sum(k >= 4 for k in kinds) > 30  # multi-turn
+    deduped = prep(SAMPLE, dedup=True)
+    near = prep(SAMPLE, dedup=True, near_dedup=0.85)
+    assert deduped.report.dropped.get("duplicate", 0) >= 10  # the ten planted ones, at least
+    assert near.report.dropped.get("near_duplicate", 0) >= 5
+    default = prepare_data(DataConfig(sources=[SourceConfig(str(SAMPLE))]), log=None)
+    assert 15 <= default.report.validation_rows <= 25
+
+
+def test_example_files_for_each_format():
+    folder = REPO / "training" / "data" / "examples"
+    expect = {"sharegpt.jsonl": ("sharegpt", 3), "alpaca.json": ("alpaca", 2), "openorca.csv": ("openorca", 2),
+              "guanaco.jsonl": ("guanaco", 2), "dialogue.jsonl": ("dialogue", 8)}
+    for name, (fmt, valid) in expect.items():
+        rep = prep(folder / name).report.sources[0]
+        assert (rep.format, rep.valid, rep.dropped) == (fmt, valid, {}), name

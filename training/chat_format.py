@@ -6,6 +6,7 @@ every position comes from `tokenizer.apply_chat_template`, and the serving path
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,26 +73,35 @@ def prompt_ids(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
 
 # ---------------------------------------------------------------- tokenizer preparation
 
-def _named_template(name: str) -> tuple[str, list[str]]:
-    """(jinja template, special tokens it needs) for a recipe-named template: "chatml", a .jinja file or a
-    tokenizer dir whose template is borrowed."""
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # a template's turn closer becomes EOS
+
+
+def _named_template(name: str) -> str:
+    """The Jinja text of a recipe-named template: a .jinja file, a tokenizer dir whose template is borrowed, or a
+    name: training/templates/NAME.jinja (chatml) or one of TRL's bundled templates (llama3_2, qwen2_5, ...)."""
     path = Path(name).expanduser()
     if path.is_file():
-        return path.read_text(), []
+        return path.read_text()
     if path.is_dir():
         from transformers import AutoTokenizer
 
         source = AutoTokenizer.from_pretrained(path)
         if not source.chat_template:
             raise ValueError(f"model.chat_template={name!r}: that tokenizer has no chat template")
-        return source.chat_template, []
-    if name.lower() == "chatml":
-        # TRL's ChatML definition (the same one trl.setup_chat_format installs).
-        from trl.models.utils import ChatMlSpecialTokens
+        return source.chat_template
+    candidates = [TEMPLATE_DIR / f"{name}.jinja"]
+    try:
+        import trl
 
-        chatml = ChatMlSpecialTokens()
-        return chatml.chat_template, [chatml.bos_token, chatml.eos_token]
-    raise ValueError(f"model.chat_template={name!r} is not accepted; use chatml, a .jinja file or a tokenizer dir")
+        candidates.append(Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja")
+    except ImportError:
+        pass
+    for c in candidates:
+        if c.is_file():
+            return c.read_text()
+    raise ValueError(f"model.chat_template={name!r} is not accepted; use chatml, a .jinja file, a tokenizer dir "
+                     "or a TRL template name (trl/chat_templates/*.jinja)")
 
 
 def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> list[int]:
@@ -106,14 +116,17 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> list[int]:
         if not chat_template:
             raise ValueError("the base model's tokenizer has no chat template: set model.chat_template "
                              "(chatml, a .jinja file or a tokenizer dir)")
-        template, specials = _named_template(chat_template)
-        new = [t for t in specials if t not in tokenizer.get_vocab()]
+        template = _named_template(chat_template)
+        # Markers like <|im_start|> must be single special tokens, as in models trained with that template.
+        markers = list(dict.fromkeys(re.findall(r"<\|[A-Za-z_]+\|>", template)))
+        new = [t for t in markers if t not in tokenizer.get_vocab()]
         if new:
-            tokenizer.add_special_tokens({"additional_special_tokens": new})
+            tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
             added += tokenizer.convert_tokens_to_ids(new)
         tokenizer.chat_template = template
-        if specials:  # ChatML turns end with <|im_end|>: make it EOS so generation stops there
-            tokenizer.eos_token = specials[-1]
+        closer = next((t for t in END_OF_TURN if t in markers), None)
+        if closer:  # generation must stop where a turn ends
+            tokenizer.eos_token = closer
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # Reuse an existing non-EOS special token before growing the vocabulary.
         candidates = [tokenizer.unk_token, "<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>"]

@@ -215,6 +215,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         section, leaf = name.split(".")
         if getattr(getattr(cfg, section), leaf) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(getattr(cfg, section), leaf)!r}")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio!r}")
     return cfg
 
 

@@ -40,6 +40,7 @@ class Settings:
     openai_api_key: str = field(default="sk-no-key-required", repr=False)
     mock_delay: float = 0.05
     mock_reply: str | None = None
+    llama_repack: bool = False           # llama.cpp extra buffer types (AMX / repacked weights)
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -74,6 +75,17 @@ def _number(env: Mapping[str, str], name: str, kind: Callable[[str], T], default
             or (hi is not None and value > hi):
         raise _bad(name, raw, accepted)
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise _bad(name, raw, "1/true/yes/on or 0/false/no/off")
 
 
 def default_threads(env: Mapping[str, str]) -> int:
@@ -125,4 +137,5 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         openai_api_key=_get(env, "OPENAI_API_KEY") or "sk-no-key-required",
         mock_delay=_number(env, "CHATBOT_MOCK_DELAY", float, 0.05, lo=0, hi=60),
         mock_reply=_get(env, "CHATBOT_MOCK_REPLY"),
+        llama_repack=_flag(env, "CHATBOT_LLAMA_REPACK", False),
     )

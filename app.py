@@ -1,0 +1,43 @@
+"""The Space's entry point: `python app.py` (Hugging Face Spaces runs the same file).
+
+settings → backend (the model loads once, before the first request) → Gradio app → launch.
+A configuration the user must fix prints one line to stderr and exits 2, without a traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from chatbot.settings import ConfigError, load_settings
+
+
+def server_address(env=os.environ) -> tuple[str, int]:
+    """GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 0.0.0.0 on Spaces (SYSTEM=spaces) or 127.0.0.1, port 7860."""
+    name = env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if env.get("SYSTEM") == "spaces" else "127.0.0.1")
+    raw = env.get("GRADIO_SERVER_PORT") or "7860"
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"GRADIO_SERVER_PORT={raw!r} is not valid; accepted: a port number 1-65535")
+    return name, int(raw)
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+        host, port = server_address()
+        # Imported after validation so a bad setting fails in well under a second.
+        from chatbot.backends import load_backend
+        backend = load_backend(settings)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    from chatbot.ui import build_app
+
+    print(f"Serving {backend.model_name} with {backend.name} (context {backend.n_ctx}, "
+          f"{settings.threads} threads) on http://{host}:{port}", file=sys.stderr)
+    demo = build_app(settings, backend)
+    demo.queue(max_size=64).launch(server_name=host, server_port=port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""llama.cpp (llama-cpp-python) on CPU: the default backend, serving a GGUF file.
+
+The prompt is always built by the GGUF's own chat template (tokenizer.chat_template in its metadata),
+never by llama-cpp-python's hand-written formats, which it would otherwise pick when a template merely
+looks like ChatML. One Llama instance is not thread-safe (two threads decoding hit a GGML assert), so
+every call holds the backend's lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+from chatbot.backends.base import Chunk, GenerationParams, cancelled
+from chatbot.models import resolve_gguf
+from chatbot.settings import ConfigError, Settings
+
+TEMPLATE_KEY = "tokenizer.chat_template"
+
+
+def acquire(lock: threading.Lock, cancel: threading.Event | None) -> bool:
+    """Wait for the model, giving up if the request is cancelled while queued."""
+    while not lock.acquire(timeout=0.05):
+        if cancelled(cancel):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def extra_buffers(enabled: bool):
+    """Set llama.cpp's `use_extra_bufts` model parameter, which llama-cpp-python's Llama() does not expose.
+
+    Extra buffer types repack weights for AMX or AVX2 kernels. On CPUs that advertise AMX inside some VMs
+    (this project's CI machine) the AMX kernels segfault on the first multi-token batch, so by default
+    they are off and llama.cpp's plain CPU kernels run; CHATBOT_LLAMA_REPACK=1 turns them back on.
+    """
+    import llama_cpp
+
+    original = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = enabled
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = original
+
+
+class LlamaCppBackend:
+    name = "llama_cpp"
+    max_concurrency = 1
+
+    def __init__(self, settings: Settings):
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        path = resolve_gguf(settings.model, settings.gguf_file, settings.revision)
+        try:
+            with extra_buffers(settings.llama_repack):
+                self.llm = Llama(model_path=str(path), n_ctx=settings.n_ctx, n_threads=settings.threads,
+                                 n_threads_batch=settings.threads, verbose=False,
+                                 seed=settings.seed if settings.seed is not None else 0xFFFFFFFF)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ConfigError(f"CHATBOT_MODEL={str(settings.model or path)!r} could not be loaded by llama.cpp "
+                              f"({exc}); accepted: a valid GGUF model file") from None
+        template = self.llm.metadata.get(TEMPLATE_KEY)
+        if not template:
+            raise ConfigError(f"CHATBOT_MODEL={str(settings.model or path)!r} has no chat template in its GGUF "
+                              f"metadata ({TEMPLATE_KEY}); accepted: a chat/instruct model's GGUF")
+        # Llama registered this template under "chat_template.default"; select it explicitly so a template
+        # that happens to equal a known one is not swapped for llama-cpp-python's hand-written format.
+        self.llm.chat_format = "chat_template.default"
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        self.formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.llm.detokenize([eos], special=True).decode("utf-8", "replace") if eos != -1 else "",
+            bos_token=self.llm.detokenize([bos], special=True).decode("utf-8", "replace") if bos != -1 else "",
+            stop_token_ids=[eos])
+        self.path = path
+        self.model_name = path.name
+        self.n_ctx = self.llm.n_ctx()
+        self.lock = threading.Lock()
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        # Exactly what create_chat_completion feeds the model: the rendered template, tokenised with specials.
+        prompt = self.formatter(messages=messages).prompt
+        with self.lock:
+            return len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def stream(self, messages: list[dict], params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        if not acquire(self.lock, cancel):
+            yield Chunk("", "cancelled")
+            return
+        chunks = None
+        try:
+            chunks = self.llm.create_chat_completion(
+                messages=messages, stream=True, max_tokens=params.max_new_tokens,
+                temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+            for chunk in chunks:
+                # Checked between tokens: a stop request returns here and frees the model for the next user.
+                if cancelled(cancel):
+                    yield Chunk("", "cancelled")
+                    return
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") or ""
+                if text:
+                    yield Chunk(text, tokens=1)
+                if choice.get("finish_reason"):
+                    yield Chunk("", choice["finish_reason"])
+                    return
+            yield Chunk("", "stop")
+        finally:
+            if chunks is not None:
+                chunks.close()
+            self.lock.release()

@@ -1,0 +1,171 @@
+"""The Gradio app: a streaming ChatInterface over one backend.
+
+The backend decodes in a producer thread while the Gradio generator drains whatever text has arrived,
+so decoding never waits for the UI (tokens/s through the app stays at the raw backend's) and updates
+are sent at most every STREAM_INTERVAL seconds. Stop closes the generator; its `finally` sets the
+cancel event, the backend returns at the next token and releases the model.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Iterator
+
+from chatbot.backends.base import Backend, Chunk, GenerationParams
+from chatbot.history import NOTICE, build_messages, content_text, normalise, trim
+from chatbot.settings import Settings
+
+STREAM_INTERVAL = 0.05  # seconds between UI updates while streaming
+EXAMPLES = [
+    "Hi! What can you help me with?",
+    "Explain what a large language model is in two sentences.",
+    "Write a haiku about the sea.",
+    "Give me three tips for writing clean Python code.",
+]
+
+
+def notice(text: str) -> str:
+    return NOTICE + text
+
+
+def format_stats(tokens: int, ttft: float | None, decode_s: float, finish: str | None, dropped: int) -> str:
+    """One unobtrusive line under the chat: tokens, decode speed, time to first token, why it ended."""
+    if ttft is None:
+        return ""
+    # Decode speed excludes the first token, whose time is prompt processing (shown as TTFT).
+    speed = f"{(tokens - 1) / decode_s:.1f} tokens/s" if tokens > 1 and decode_s > 0 else "– tokens/s"
+    parts = [f"{tokens} tokens", speed, f"first token {ttft:.2f} s"]
+    if finish == "length":
+        parts.append("stopped at max new tokens")
+    elif finish == "cancelled":
+        parts.append("stopped")
+    if dropped:
+        parts.append(f"{dropped} oldest messages left out to fit the context")
+    return " · ".join(parts)
+
+
+def stream_reply(backend: Backend, messages: list[dict], params: GenerationParams,
+                 dropped: int = 0) -> Iterator[tuple[str, str]]:
+    """(reply so far, stats line) pairs while the backend streams in a producer thread."""
+    items: queue.SimpleQueue = queue.SimpleQueue()
+    cancel = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in backend.stream(messages, params, cancel):
+                items.put((time.perf_counter(), chunk))
+        except Exception as exc:  # shown in the reply below; the traceback goes to the server log
+            traceback.print_exc(file=sys.stderr)
+            items.put((time.perf_counter(), exc))
+        finally:
+            items.put(None)
+
+    start = time.perf_counter()
+    text, tokens, first, last, finish = "", 0, None, None, None
+    producer = threading.Thread(target=produce, name="backend-stream", daemon=True)
+    producer.start()
+    try:
+        done = False
+        while not done:
+            batch = [items.get()]
+            while True:  # take everything that arrived while the UI was busy: one update for all of it
+                try:
+                    batch.append(items.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if item is None:
+                    done = True
+                    break
+                at, chunk = item
+                if isinstance(chunk, Exception):
+                    text += ("\n\n" if text else "") + notice(f"The model failed: {type(chunk).__name__}: {chunk}")
+                    continue
+                assert isinstance(chunk, Chunk)
+                if chunk.text:
+                    if first is None:
+                        first = at
+                    text += chunk.text
+                    tokens += chunk.tokens
+                    last = at
+                elif chunk.tokens:
+                    tokens += chunk.tokens
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
+            stats = format_stats(tokens, None if first is None else first - start,
+                                 (last - first) if first is not None else 0.0, finish, dropped)
+            yield text, stats
+            if not done and STREAM_INTERVAL:
+                time.sleep(STREAM_INTERVAL)
+    finally:
+        # Also reached when Gradio closes the generator (stop button, client gone): end decoding now.
+        cancel.set()
+        producer.join()
+
+
+def make_respond(settings: Settings, backend: Backend):
+    """The ChatInterface function: (message, history, system prompt, temperature, top_p, max new tokens)."""
+
+    def respond(message: Any, history: list, system_prompt: str | None = None, temperature: float | None = None,
+                top_p: float | None = None, max_new_tokens: float | None = None) -> Iterator[tuple[str, str]]:
+        text = content_text(message["text"] if isinstance(message, dict) and "text" in message else message)
+        if not text.strip():
+            yield notice("Please type a message."), ""
+            return
+        if len(text) > settings.max_input_chars:
+            yield notice(f"Your message is {len(text)} characters long; the limit is {settings.max_input_chars} "
+                         "(CHATBOT_MAX_INPUT_CHARS). Please shorten it."), ""
+            return
+        # API callers can send anything: clamp to what the sliders allow instead of failing mid-request.
+        params = GenerationParams(
+            max_new_tokens=max(1, min(int(max_new_tokens or settings.max_new_tokens), backend.n_ctx - 1)),
+            temperature=min(max(float(settings.temperature if temperature is None else temperature), 0.0), 2.0),
+            top_p=min(max(float(settings.top_p if top_p is None else top_p), 0.01), 1.0),
+            seed=settings.seed)
+        system = settings.system_prompt if system_prompt is None else system_prompt
+        messages = build_messages(system, normalise(history), text)
+        fitted = trim(messages, backend.count_tokens, backend.n_ctx, params.max_new_tokens)
+        if fitted is None:
+            alone = backend.count_tokens(messages[:1] + messages[-1:] if len(messages) > 1 else messages)
+            yield notice(f"Your message is too long for this model: it needs {alone} tokens plus "
+                         f"{params.max_new_tokens} new tokens, and the context holds {backend.n_ctx}. "
+                         "Please shorten it or lower “Max new tokens”."), ""
+            return
+        trimmed, _ = fitted
+        yield from stream_reply(backend, trimmed, params, dropped=len(messages) - len(trimmed))
+
+    return respond
+
+
+def build_app(settings: Settings, backend: Backend):
+    """The Gradio Blocks app; launch it with .launch() (app.py does)."""
+    import gradio as gr
+
+    slider_max = max(settings.max_new_tokens, min(4096, backend.n_ctx // 2))
+    with gr.Blocks(title=f"Chat · {backend.model_name}", fill_height=True) as demo:
+        # Rendered below the chat but created first: ChatInterface needs its additional outputs to exist.
+        stats = gr.Markdown("", elem_id="reply-stats", render=False)
+        gr.ChatInterface(
+            make_respond(settings, backend),
+            title=f"Chat with {backend.model_name}",
+            description=f"Backend `{backend.name}` · context {backend.n_ctx} tokens · replies stream as they "
+                        "are generated; the stop button ends generation at once.",
+            additional_inputs=[
+                gr.Textbox(settings.system_prompt, label="System prompt", lines=2),
+                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature"),
+                gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
+                gr.Slider(1, slider_max, value=settings.max_new_tokens, step=1, label="Max new tokens"),
+            ],
+            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_outputs=[stats],
+            examples=[[e] for e in EXAMPLES],
+            cache_examples=False,  # caching would run the model at start-up, before anyone asks
+            api_name="chat",
+            concurrency_limit=backend.max_concurrency,
+            fill_height=True,
+        )
+        stats.render()
+    return demo

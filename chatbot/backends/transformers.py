@@ -1,0 +1,182 @@
+"""transformers on CPU: a merged model (local dir or Hub id), a base model + PEFT adapter, or — for tests and
+comparisons only — a GGUF through transformers' GGUF loading (dequantised to fp32, so not a serving path).
+
+Generation runs in a worker thread feeding a TextIteratorStreamer; a StoppingCriteria watching the cancel
+event ends it between tokens, and the stream waits for the thread before freeing the model's lock.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from chatbot.backends.base import Chunk, GenerationParams, cancelled
+from chatbot.backends.llama_cpp import acquire
+from chatbot.models import EMBEDDED_REPO_ID, _first_line, local_or_repo, resolve_gguf
+from chatbot.settings import ConfigError, Settings
+
+
+def _load_error(var: str, value: str, exc: BaseException) -> ConfigError:
+    return ConfigError(f"{var}={value!r} could not be loaded by transformers ({_first_line(exc)}); accepted: a "
+                       "local directory or Hub repo id of a causal LM (reachable, or cached when HF_HUB_OFFLINE=1)")
+
+
+def _load(settings: Settings):
+    """(model, tokenizer, display name) for the settings; ConfigError for anything the user must fix."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(revision=settings.revision, dtype=torch.float32)  # bf16 matmuls are slow on most CPUs
+    model_id = settings.model
+    if model_id is None and settings.adapter is not None:
+        # An adapter records its base model: CHATBOT_ADAPTER alone is enough.
+        from peft import PeftConfig
+        adapter_ref = local_or_repo(settings.adapter, "CHATBOT_ADAPTER")
+        try:
+            model_id = PeftConfig.from_pretrained(str(adapter_ref), revision=settings.revision).base_model_name_or_path
+        except (OSError, ValueError) as exc:
+            raise _load_error("CHATBOT_ADAPTER", settings.adapter, exc) from None
+    model_id = model_id or EMBEDDED_REPO_ID
+
+    if settings.gguf_file or model_id.endswith(".gguf"):
+        gguf = resolve_gguf(model_id, settings.gguf_file, settings.revision)
+        source, kwargs = str(gguf.parent), dict(kwargs, gguf_file=gguf.name, revision=None)
+    else:
+        source = str(local_or_repo(model_id))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error("CHATBOT_MODEL", model_id, exc) from None
+
+    name = Path(model_id).name
+    if settings.adapter is not None:
+        from peft import PeftModel
+        adapter = str(local_or_repo(settings.adapter, "CHATBOT_ADAPTER"))
+        try:
+            # An adapter trained with added tokens ships its own tokenizer; the embeddings must grow to match.
+            tokenizer = AutoTokenizer.from_pretrained(adapter, revision=settings.revision)
+            if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tokenizer))
+        except (OSError, ValueError):
+            pass  # no tokenizer in the adapter: the base model's it is
+        try:
+            model = PeftModel.from_pretrained(model, adapter, revision=settings.revision)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise _load_error("CHATBOT_ADAPTER", settings.adapter, exc) from None
+        model = model.merge_and_unload()  # plain weights again: no per-token LoRA matmuls on CPU
+        name = f"{name} + {Path(settings.adapter).name}"
+    if not tokenizer.chat_template:
+        raise ConfigError(f"CHATBOT_MODEL={model_id!r} has no chat template; accepted: a chat/instruct model "
+                          "whose tokenizer defines chat_template")
+    return model.eval(), tokenizer, name
+
+
+def _streamer_class():
+    from transformers import StoppingCriteria, TextIteratorStreamer
+
+    class CountingStreamer(TextIteratorStreamer):
+        """TextIteratorStreamer that also counts generated tokens (it yields words, not tokens)."""
+        generated = 0
+
+        def put(self, value):
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.generated += value.numel()
+            super().put(value)
+
+    class StopOnEvent(StoppingCriteria):
+        def __init__(self, *events: threading.Event | None):
+            self.events = events
+
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+            stop = any(cancelled(e) for e in self.events)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
+
+    return CountingStreamer, StopOnEvent
+
+
+class TransformersBackend:
+    name = "transformers"
+    max_concurrency = 1
+
+    def __init__(self, settings: Settings):
+        import torch
+
+        torch.set_num_threads(settings.threads)
+        self.model, self.tokenizer, self.model_name = _load(settings)
+        trained = getattr(self.model.config, "max_position_embeddings", None) or settings.n_ctx or 4096
+        self.n_ctx = min(settings.n_ctx, trained) if settings.n_ctx else trained
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.lock = threading.Lock()
+        self._classes = _streamer_class()
+
+    def _encode(self, messages: list[dict], **kwargs):
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self._encode(messages, return_dict=False))
+
+    def stream(self, messages: list[dict], params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        import torch
+
+        if not acquire(self.lock, cancel):
+            yield Chunk("", "cancelled")
+            return
+        streamer_cls, stop_cls = self._classes
+        inputs = self._encode(messages, return_dict=True, return_tensors="pt")
+        streamer = streamer_cls(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) \
+            if params.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        result: dict = {}
+        closing = threading.Event()  # set when the consumer goes away, without touching the caller's event
+
+        def generate():
+            try:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                with torch.inference_mode():
+                    result["ids"] = self.model.generate(
+                        **inputs, max_new_tokens=params.max_new_tokens, streamer=streamer,
+                        stopping_criteria=[stop_cls(cancel, closing)], eos_token_id=self.eos_ids,
+                        pad_token_id=self.tokenizer.pad_token_id or self.eos_ids[0], **sampling)
+            except BaseException as exc:  # surfaced to the caller below, after the streamer is unblocked
+                result["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=generate, name="transformers-generate", daemon=True)
+        stopped_by_caller = False
+        try:
+            worker.start()
+            seen = 0
+            for text in streamer:
+                if cancelled(cancel):
+                    stopped_by_caller = True
+                    break
+                if text:
+                    now = streamer.generated
+                    yield Chunk(text, tokens=now - seen)
+                    seen = now
+            else:
+                stopped_by_caller = cancelled(cancel)
+            worker.join()
+            if "error" in result:
+                raise result["error"]
+            if stopped_by_caller:
+                yield Chunk("", "cancelled")
+                return
+            new = result["ids"][0, inputs["input_ids"].shape[1]:].tolist()
+            finish = "stop" if new and new[-1] in self.eos_ids else \
+                "length" if len(new) >= params.max_new_tokens else "stop"
+            yield Chunk("", finish, tokens=streamer.generated - seen)
+        finally:
+            closing.set()  # a closed generator lands here: stop the worker at its next token
+            if worker.ident is not None:
+                worker.join()
+            self.lock.release()
+

@@ -1,0 +1,130 @@
+"""The transformers backend: tiny random-weight Llama with SmolLM2's tokenizer and chat template, a PEFT
+adapter on top of it, and SmolLM2 itself through transformers' GGUF loading."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from chatbot.backends import GenerationParams, load_backend
+from chatbot.settings import ConfigError, load_settings
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}]
+
+
+def backend_for(**env):
+    return load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_THREADS": "2", **env}))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return backend_for(CHATBOT_MODEL=str(tiny_llama_dir), CHATBOT_N_CTX="1024")
+
+
+def test_count_tokens_uses_the_models_own_template(tiny, smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n") and "You are terse." in prompt
+    assert tiny.count_tokens(MESSAGES) == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert tiny.n_ctx == 1024
+
+
+def test_streams_tokens_and_reports_length(tiny):
+    chunks = list(tiny.stream(MESSAGES, GenerationParams(max_new_tokens=12, temperature=0)))
+    assert chunks[-1].finish_reason in ("length", "stop")
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    generated = sum(c.tokens for c in chunks)
+    assert 1 <= generated <= 12
+    if chunks[-1].finish_reason == "length":
+        assert generated == 12
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_repeats(tiny):
+    def text(params):
+        return "".join(c.text for c in tiny.stream(MESSAGES, params))
+    assert text(GenerationParams(max_new_tokens=8, temperature=0)) == text(GenerationParams(max_new_tokens=8,
+                                                                                            temperature=0))
+    sampled = GenerationParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5)
+    assert text(sampled) == text(sampled)
+
+
+def test_cancel_stops_generation_and_frees_the_model(tiny):
+    cancel = threading.Event()
+    stream = tiny.stream(MESSAGES, GenerationParams(max_new_tokens=1000, temperature=1.0, top_p=1.0, seed=1), cancel)
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.text:
+            cancel.set()
+    assert chunks[-1].finish_reason == "cancelled"
+    assert sum(c.tokens for c in chunks) < 100
+    assert tiny.lock.acquire(blocking=False)
+    tiny.lock.release()
+
+
+def test_closing_the_generator_frees_the_model(tiny):
+    stream = tiny.stream(MESSAGES, GenerationParams(max_new_tokens=1000, temperature=1.0, top_p=1.0, seed=2))
+    next(c for c in stream if c.text)
+    stream.close()
+    assert tiny.lock.acquire(blocking=False)
+    tiny.lock.release()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_llama_dir, tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    # init_lora_weights=False: random B too, so the adapter really changes the model's output.
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_base_plus_adapter_loads_through_peft(tiny_llama_dir, adapter_dir, tiny):
+    with_adapter = backend_for(CHATBOT_MODEL=str(tiny_llama_dir), CHATBOT_ADAPTER=str(adapter_dir))
+    assert "adapter" in with_adapter.model_name
+    base_q = tiny.model.model.layers[0].self_attn.q_proj.weight
+    merged_q = with_adapter.model.model.layers[0].self_attn.q_proj.weight
+    assert merged_q.shape == base_q.shape and not merged_q.equal(base_q)  # LoRA merged into the weights
+    chunks = list(with_adapter.stream(MESSAGES, GenerationParams(max_new_tokens=6, temperature=0)))
+    assert chunks[-1].finish_reason in ("length", "stop")
+
+
+def test_adapter_alone_finds_its_base_model(adapter_dir, tiny_llama_dir):
+    backend = backend_for(CHATBOT_ADAPTER=str(adapter_dir))
+    assert backend.model_name.startswith(tiny_llama_dir.name)
+
+
+@pytest.mark.slow
+def test_smollm2_through_transformers_gguf_loading_answers(smollm2_gguf):
+    backend = backend_for(CHATBOT_MODEL=str(smollm2_gguf), CHATBOT_N_CTX="2048")
+    chunks = list(backend.stream([{"role": "user", "content": "Hello!"}],
+                                 GenerationParams(max_new_tokens=48, temperature=0)))
+    text = "".join(c.text for c in chunks)
+    assert text.strip() and "<|im_end|>" not in text
+    assert chunks[-1].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("env, starts", [
+    ({"CHATBOT_MODEL": "./no/such/dir"}, "CHATBOT_MODEL='./no/such/dir' does not exist"),
+    ({"CHATBOT_MODEL": "nobody/not-cached-model"}, "CHATBOT_MODEL='nobody/not-cached-model' could not be loaded"),
+    ({"CHATBOT_ADAPTER": "./no/adapter"}, "CHATBOT_ADAPTER='./no/adapter' does not exist"),
+])
+def test_bad_model_settings_fail_with_one_line(env, starts):
+    with pytest.raises(ConfigError) as info:
+        backend_for(**env)
+    assert str(info.value).startswith(starts) and "\n" not in str(info.value) and "accepted:" in str(info.value)
+
+
+def test_directory_that_is_not_a_model_fails_with_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match=r"^CHATBOT_MODEL=.*could not be loaded by transformers.*accepted:"):
+        backend_for(CHATBOT_MODEL=str(tmp_path))

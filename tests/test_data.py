@@ -460,7 +460,7 @@ def test_report_summary_json_and_plot(tmp_path):
     # a: 30 valid, round(10%) = 3 held out; b: 3 identical rows, round(0.3) = 0 held out, 2 duplicates dropped
     assert rep.dropped == {"no_assistant_turn": 1, "duplicate": 2}
     assert (rep.train_rows, rep.validation_rows) == (28, 3)
-    assert "\n".join(lines) == rep.summary()
+    assert lines == ["data: reading a.jsonl", "data: reading b.jsonl", rep.summary()]
     assert "a.jsonl [messages]: 31 rows read, 30 valid, 3 held out" in rep.summary()
     assert "dropped in total: no_assistant_turn 1, duplicate 2" in rep.summary()
     report_path, plot_path = rep.write(tmp_path / "out")
@@ -503,3 +503,45 @@ def test_example_files_for_each_format():
     for name, (fmt, valid) in expect.items():
         rep = prep(folder / name).report.sources[0]
         assert (rep.format, rep.valid, rep.dropped) == (fmt, valid, {}), name
+
+
+def test_convokit_corpus_dir_and_json_lines_named_json(tmp_path):
+    corpus = tmp_path / "friends-corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "utterances.jsonl", _utterances())
+    (corpus / "speakers.json").write_text("{}")  # the other corpus files are ignored
+    rep = prep(corpus, assistant_speaker="Ross", window=4).report.sources[0]
+    assert (rep.name, rep.format, rep.valid) == ("friends-corpus", "dialogue", 4)
+    lines = write_jsonl(tmp_path / "lines.json", _qa_rows(3), raw_lines=["oops"])
+    assert drops(prep(lines)) == {"invalid_json": 1}
+
+
+def test_data_config_from_dict():
+    cfg = D.data_config_from_dict({"sources": ["a.jsonl", {"path": "b/c", "weight": 0.5, "subset": "x"}],
+                                   "near_dedup": 0.9, "max_rows": 100})
+    assert cfg.sources == [SourceConfig("a.jsonl"), SourceConfig("b/c", weight=0.5, subset="x")]
+    assert (cfg.near_dedup, cfg.max_rows, cfg.dedup) == (0.9, 100, True)
+    with pytest.raises(DataError, match=r"unknown option data.dedupe; accepted: sources, dedup, near_dedup"):
+        D.data_config_from_dict({"dedupe": True})
+    with pytest.raises(DataError, match=r"unknown option data.sources\[1\].wieght; accepted: path, format"):
+        D.data_config_from_dict({"sources": ["a.jsonl", {"path": "b", "wieght": 2}]})
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error(tmp_path):
+    class NoTemplate:
+        chat_template = None
+
+    path = write_jsonl(tmp_path / "ok.jsonl", _qa_rows(3))
+    with pytest.raises(DataError, match="the tokenizer has no chat_template"):
+        prep(path, tokenizer=NoTemplate(), max_tokens=100)
+
+
+def test_cli_prints_the_summary_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "report"
+    D.main([str(SAMPLE), "--near-dedup", "0.85", "--out", str(out)])
+    printed = capsys.readouterr().out
+    n = len(SAMPLE.read_text().splitlines())
+    assert f"sample.jsonl [messages]: {n} rows read, {n} valid" in printed
+    assert (out / "data_report.json").exists() and (out / "data_lengths.png").exists()
+    with pytest.raises(SystemExit, match="error: source path 'nope.jsonl' not found"):
+        D.main(["nope.jsonl"])

@@ -18,14 +18,17 @@ import json
 import math
 import random
 import re
+import sys
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "openorca", "guanaco", "dialogue")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-ROLES = ("system", "user", "assistant")
 
 # Every reason a row can be dropped for, in the order the checks run. Tests and the report use these names.
 DROP_REASONS = {
@@ -78,6 +81,27 @@ class DataConfig:
     max_validation_rows: int | None = None   # cap on the held-out rows (keeps eval cheap on big data sets)
 
 
+def data_config_from_dict(values: dict) -> DataConfig:
+    """DataConfig from plain YAML / JSON values; a source may be a bare path. Unknown keys are an error."""
+    def build(cls, d: dict, where: str):
+        if not isinstance(d, dict):
+            raise DataError(f"{where}={d!r}; accepted: a mapping of {', '.join(f.name for f in fields(cls))}")
+        accepted = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in accepted]
+        if unknown:
+            raise DataError(f"unknown option {where}.{unknown[0]}; accepted: {', '.join(accepted)}")
+        return cls(**d)
+
+    values = dict(values)
+    sources = values.pop("sources", [])
+    if not isinstance(sources, list):
+        raise DataError(f"data.sources={sources!r}; accepted: a list of paths / Hub ids or source mappings")
+    cfg = build(DataConfig, values, "data")
+    cfg.sources = [build(SourceConfig, {"path": s} if isinstance(s, str) else s, f"data.sources[{i}]")
+                   for i, s in enumerate(sources)]
+    return cfg
+
+
 class DataError(ValueError):
     """Bad data options, an unreadable source, or no usable rows left."""
 
@@ -111,6 +135,8 @@ def read_rows(src: SourceConfig) -> list[Any]:
             raise DataError(f"source path {src.path!r} not found (a local .jsonl/.json/.csv/.parquet file, "
                             "a dataset directory, or a Hub dataset id)")
         rows = _read_file(path, src.max_rows)
+    elif (path / "utterances.jsonl").is_file():  # a ConvoKit corpus directory
+        rows = _read_file(path / "utterances.jsonl", src.max_rows)
     else:
         rows = _read_dataset(src)
     if src.max_rows is not None:
@@ -118,22 +144,29 @@ def read_rows(src: SourceConfig) -> list[Any]:
     return rows
 
 
+def _read_jsonl(path: Path, max_rows: int | None) -> list[Any]:
+    rows: list[Any] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append(None)
+    return rows
+
+
 def _read_file(path: Path, max_rows: int | None) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if max_rows is not None and len(rows) >= max_rows:
-                    break
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        rows.append(None)
-        return rows
+        return _read_jsonl(path, max_rows)
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # JSON Lines under a .json name
+            return _read_jsonl(path, max_rows)
         if isinstance(data, dict):  # {"data": [...]} or a single row
             lists = [v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
             data = lists[0] if len(lists) == 1 else [data]
@@ -434,9 +467,6 @@ def exact_dedup_mask(texts: Iterable[str], seen: set[bytes] | None = None) -> li
     return keep
 
 
-_PRIME = 4294967311  # smallest prime above 2^32: (a*h + b) with a, b < 2^31 and h < 2^32 stays inside uint64
-
-
 def _shingle_hashes(text: str, k: int):
     """Distinct 32-bit hashes of the character k-shingles of `text`, vectorised (deterministic, no hash seed)."""
     import numpy as np
@@ -462,11 +492,12 @@ def _lsh_shape(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 def minhash_signature(text: str, a, b, shingle: int = 5):
-    """Min over the shingles of (a*h + b) mod p, for each of the len(a) hash functions."""
+    """For each of the len(a) hash functions, the min over the shingles of multiply-shift hashing
+    (a*h + b mod 2^64) >> 32 (a odd). The shift is monotone, so it is applied once, after the min."""
     import numpy as np
 
     h = _shingle_hashes(text, shingle)
-    return ((h[:, None] * a + b) % np.uint64(_PRIME)).min(axis=0)
+    return ((h[:, None] * a + b).min(axis=0) >> np.uint64(32)).astype(np.uint32)
 
 
 def near_dedup_mask(texts: list[str], threshold: float, num_perm: int = 128, shingle: int = 5,
@@ -479,8 +510,8 @@ def near_dedup_mask(texts: list[str], threshold: float, num_perm: int = 128, shi
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 31, num_perm, dtype=np.uint64)
-    b = rng.integers(0, 1 << 31, num_perm, dtype=np.uint64)
+    a = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
     bands, r = _lsh_shape(threshold, num_perm)
     buckets: list[dict[bytes, list[int]]] = [defaultdict(list) for _ in range(bands)]
     kept_sigs: list[Any] = []
@@ -500,6 +531,9 @@ def near_dedup_mask(texts: list[str], threshold: float, num_perm: int = 128, shi
 
 def token_lengths(tokenizer, conversations: list[list[dict]], batch: int = 256) -> list[int]:
     """Tokens of each conversation rendered with the tokenizer's own chat template (as training sees it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat_template; set the recipe's template on it before prepare_data "
+                        "(token lengths are measured on the templated conversation)")
     lengths = []
     for i in range(0, len(conversations), batch):
         texts = tokenizer.apply_chat_template(conversations[i:i + batch], tokenize=False)
@@ -689,6 +723,7 @@ def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | No
     validation: list[dict] = []
 
     for i, src in enumerate(cfg.sources):
+        log(f"data: reading {source_name(src)}")
         rows = read_rows(src)
         counter: Counter = Counter()
         fmt, examples = normalise_source(src, rows, counter)
@@ -777,3 +812,52 @@ def load_conversations(path: str, format: str = "auto") -> list[dict]:
     rows = read_rows(src)
     _, examples = normalise_source(src, rows, Counter())
     return [{"messages": e["messages"]} for e in examples]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Preview what prepare_data makes of some sources: the summary, and the report files with --out."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("sources", nargs="+", help="local .jsonl/.json/.csv/.parquet files, dataset dirs or Hub ids")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--weights", type=float, nargs="*", help="one mixing weight per source")
+    p.add_argument("--assistant-speaker", help="dialogue sources: the speaker played by the assistant")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    p.add_argument("--near-dedup", type=float, help="Jaccard threshold for near-duplicates, e.g. 0.85")
+    p.add_argument("--min-score", type=float)
+    p.add_argument("--min-tokens", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--validation-fraction", type=float, default=0.05)
+    p.add_argument("--max-rows", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tokenizer", help="HF tokenizer dir or a .gguf file, to measure lengths in tokens")
+    p.add_argument("--out", help="directory for data_report.json and data_lengths.png")
+    args = p.parse_args(argv)
+    weights = args.weights or [1.0] * len(args.sources)
+    if len(weights) != len(args.sources):
+        p.error(f"--weights has {len(weights)} values for {len(args.sources)} sources; give one per source")
+    cfg = DataConfig(sources=[SourceConfig(path=s, format=args.format, weight=w,
+                                           assistant_speaker=args.assistant_speaker)
+                              for s, w in zip(args.sources, weights)],
+                     dedup=not args.no_dedup, near_dedup=args.near_dedup, min_score=args.min_score,
+                     min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+                     validation_fraction=args.validation_fraction, max_rows=args.max_rows, seed=args.seed)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok_path = Path(args.tokenizer)
+        tokenizer = (AutoTokenizer.from_pretrained(tok_path.parent, gguf_file=tok_path.name)
+                     if tok_path.suffix == ".gguf" else AutoTokenizer.from_pretrained(args.tokenizer))
+    try:
+        result = prepare_data(cfg, tokenizer=tokenizer)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if args.out:
+        for path in result.report.write(args.out):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

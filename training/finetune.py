@@ -58,11 +58,13 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int) -> tuple[lis
 
 def make_collator(cfg: TrainConfig, tokenizer):
     """Padding collator (labels padded with -100); `train.packing` swaps in padding-free batches where sequences
-    are concatenated and told apart by position_ids (the throughput hook)."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+    are concatenated and told apart by position_ids (training.packing: no attention or loss across them)."""
+    from transformers import DataCollatorForSeq2Seq
 
     if cfg.train.packing:
-        return DataCollatorWithFlattening(return_position_ids=True)
+        from training.packing import make_packing_collator
+
+        return make_packing_collator()
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
@@ -120,11 +122,45 @@ def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
         data_seed=t.seed,
         bf16=mode in ("qlora", "bf16") and torch.cuda.is_available(),
         report_to=_report_to(t.report_to),
-        use_liger_kernel=t.use_liger,
+        use_liger_kernel=t.use_liger and _liger_usable(),
         dataloader_num_workers=t.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+    )
+
+
+def _liger_usable() -> bool:
+    from training.packing import liger_usable
+
+    if liger_usable():
+        return True
+    log("train.use_liger: Liger kernels need CUDA and liger-kernel; using the standard loss")
+    return False
+
+
+def build_trainer(cfg: TrainConfig, mode: str, model, tokenizer, train_rows: Sequence[dict],
+                  eval_rows: Sequence[dict] = (), callbacks: Sequence[Any] = ()):
+    """The Trainer `run` trains with (training/bench.py times this same object). With `train.packing` the
+    training rows are first packed into rows of at most train.max_length tokens (TRL's best-fit decreasing)."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    if cfg.train.packing:
+        from training.packing import pack_rows
+
+        train_dataset = pack_rows(train_rows, cfg.train.max_length)
+        log(f"packing: {len(train_rows)} examples -> {len(train_dataset)} rows of <= {cfg.train.max_length} tokens")
+    else:
+        train_dataset = Dataset.from_list(list(train_rows))
+    return Trainer(
+        model=model,
+        args=training_arguments(cfg, mode, has_eval=bool(eval_rows)),
+        train_dataset=train_dataset,
+        eval_dataset=Dataset.from_list(list(eval_rows)) if eval_rows else None,
+        data_collator=make_collator(cfg, tokenizer),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
     )
 
 
@@ -188,8 +224,7 @@ def export_gguf_step(cfg: TrainConfig, merged_dir: Path, out: Path) -> list[Path
 def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     """Train, merge, export; returns the summary (also written to OUT/summary.json)."""
     import torch
-    from datasets import Dataset
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from training.data import prepare_data
@@ -233,15 +268,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         from training.hub import CheckpointPusher
 
         callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private))
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(cfg, mode, has_eval=bool(eval_rows)),
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        data_collator=make_collator(cfg, tokenizer),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    trainer = build_trainer(cfg, mode, model, tokenizer, train_rows, eval_rows, callbacks)
     resume_from = get_last_checkpoint(str(out)) if out.is_dir() else None
     if cfg.train.resume:
         log(f"resuming from {resume_from}" if resume_from else "--resume: no checkpoint in output_dir, starting")

@@ -84,12 +84,15 @@ def local_device_map():
 def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mode: str, tokenizer,
                             new_token_ids: list[int] = ()):
     """The base with LoRA adapters attached, ready for Trainer."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from training.packing import pick_attention
+
     kwargs = dict(trust_remote_code=model.trust_remote_code, device_map=local_device_map())
-    if model.attn_implementation:
-        kwargs["attn_implementation"] = model.attn_implementation
+    attn = pick_attention(model.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu")
+    if attn:
+        kwargs["attn_implementation"] = attn
     if mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -102,10 +105,10 @@ def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mo
         m.resize_token_embeddings(len(tokenizer))
     m.config.pad_token_id = tokenizer.pad_token_id
     m.config.use_cache = False  # incompatible with gradient checkpointing; the merged model re-enables it
-    if mode == "qlora":
-        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=model.gradient_checkpointing,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif model.gradient_checkpointing:
+    # QLoRA skips peft's prepare_model_for_kbit_training: it upcasts every non-4-bit weight (embeddings, tied
+    # lm_head, norms) to fp32, which doubles their memory and makes the logits fp32 - the bulk of naive QLoRA's
+    # VRAM. Under bf16 autocast the bf16 weights train as well; LoRA weights stay fp32 (peft's adapter autocast).
+    if model.gradient_checkpointing:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph under checkpointing
     target = lora.target_modules

@@ -1,0 +1,125 @@
+"""Real app, real browser: `python app.py` on a free port, driven by Debian's chromium through Playwright.
+
+Chromium comes from apt (`apt-get install -y chromium`), never from `playwright install`. Without it the
+browser tests skip on a developer machine and fail under CI (CI=true), where a skip would hide a broken UI.
+Screenshots and app logs go to test-artifacts/ (or $E2E_ARTIFACTS).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("E2E_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI containers run as root
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _unavailable(reason: str):
+    if in_ci():
+        pytest.fail(f"{reason}; CI must run the browser tests (apt-get install -y chromium)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    path = Path(os.environ.get("E2E_ARTIFACTS") or ROOT / "test-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        _unavailable(f"chromium not found at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright (Python) is not installed: pip install -r requirements-dev.txt")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_app(artifacts):
+    """serve_app(name, env, timeout) -> context manager yielding the URL of a running `python app.py`."""
+    return lambda name, env, timeout=90.0: running_app(name, artifacts, env, timeout)
+
+
+@contextmanager
+def running_app(name: str, artifacts: Path, env: dict[str, str], timeout: float = 90.0):
+    """`python app.py` with a clean CHATBOT_* environment plus `env`; yields its URL once it answers HTTP."""
+    port = _free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATBOT_", "GRADIO_"))}
+    full_env.update(
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        GRADIO_ANALYTICS_ENABLED="False",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        **env,
+    )
+    log_path = artifacts / f"app-{name}.log"
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"app exited with {proc.returncode} before serving:\n{log_path.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"app did not answer on {url} within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.25)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -28,6 +28,26 @@ NASTY = ("Héllo wörld, naïve café — Ünïcödé! 😀🚀👍🏽 👩\u20
 PROMPTS = ["The quick brown fox", "def main():\n    print(", "1 2 3 4 5 6", "Bonjour, ça va? 😀"]
 
 
+@pytest.fixture(autouse=True)
+def _no_extra_cpu_buffers(monkeypatch):
+    """Load GGUFs without llama.cpp's extra CPU buffer types (AMX tiles / repacked weights).
+
+    They are a load-time speed-up, not part of the file under test; and a llama-cpp-python built with
+    GGML_NATIVE on a VM that advertises AMX without enabling it faults at `ldtilecfg` on the first
+    quantised matmul (seen on the dev box, for the embedded Q4_1 model too).
+    """
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(capi, "llama_model_default_params", params)
+
+
 def _llama(path: Path, **kw):
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=False,
                            verbose=False, **kw)
@@ -159,40 +179,56 @@ SP_CORPUS = [
 ] * 20
 
 
-def _sentencepiece_model_dir(tmp_path: Path) -> Path:
-    """A tiny Llama with its own freshly trained SentencePiece BPE tokenizer (Llama-2 style settings)."""
+def _sentencepiece_model_dir(tmp_path: Path, keep_model_file: bool) -> Path:
+    """A tiny Llama with its own freshly trained SentencePiece BPE tokenizer (Llama-2 style settings).
+
+    transformers 5 converts a tokenizer.model through protobuf, which is not installed; the conversion
+    is done here the way its SentencePieceExtractor does it: pieces in id order + generate_merges.
+    """
     import io
 
     import sentencepiece as spm
     from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from training.shapes import build_tiny_checkpoint
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SP_CORPUS), model_writer=buf, vocab_size=300, model_type="bpe", byte_fallback=True,
+        sentence_iterator=iter(SP_CORPUS), model_writer=buf, vocab_size=512, model_type="bpe", byte_fallback=True,
         character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         minloglevel=2)
-    sp_file = tmp_path / "sp.model"
-    sp_file.write_bytes(buf.getvalue())
-    tok = LlamaTokenizer(vocab_file=str(sp_file), legacy=True, add_bos_token=True)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    tok = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=True, add_bos_token=True)
     tok.chat_template = ("{% for m in messages %}{{ bos_token }}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}"
                          "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}[assistant] {% endif %}")
-    from training.shapes import build_tiny_checkpoint
+    for text in SP_CORPUS[:6]:  # the wrapper really is the trained SentencePiece model
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text), text
+    out = build_tiny_checkpoint("tiny-llama", tok, tmp_path / "sp-llama")
+    if keep_model_file:
+        (out / "tokenizer.model").write_bytes(buf.getvalue())
+    return out, sp
 
-    return build_tiny_checkpoint("tiny-llama", tok, tmp_path / "sp-llama")
 
-
-def test_tokenizer_parity_sentencepiece(tmp_path):
+@pytest.mark.parametrize("keep_model_file", [True, False], ids=["tokenizer.model", "tokenizer.json-only"])
+def test_tokenizer_parity_sentencepiece(tmp_path, keep_model_file):
     from transformers import AutoTokenizer
 
-    model_dir = _sentencepiece_model_dir(tmp_path)
+    model_dir, sp = _sentencepiece_model_dir(tmp_path, keep_model_file)
     tok = AutoTokenizer.from_pretrained(model_dir)
     (path,) = export_gguf(model_dir, tmp_path / "gguf", ["f16"], progress=False)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    for text in (NASTY, "Hello world", "  two leading spaces", "tabs\t\tand\n\nnewlines"):
+    assert llm.metadata["tokenizer.ggml.model"] == "llama"
+    for text in (NASTY, "Hello world", "a    b   c", "tabs\t\tand\n\nnewlines  "):
         hf = tok.encode(text, add_special_tokens=True)
         assert hf[0] == tok.bos_token_id
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == hf, text
+    # Text that starts with spaces: transformers' Metaspace skips the dummy "▁" prefix when the text already
+    # starts with a space, SentencePiece (and llama.cpp) always add it; llama.cpp must follow SentencePiece.
+    for text in ("  two leading spaces", "   x"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
     assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
 
 

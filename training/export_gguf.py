@@ -48,8 +48,7 @@ _CHKHSH = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
     "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",
 }
-# Pre-tokenizer split regexes (tokenizer.json) of the same families, for tokenizers whose hash is new
-# (e.g. a tokenizer rebuilt by transformers from a GGUF file).
+# Pre-tokenizer split regexes (tokenizer.json) of the same families.
 _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -216,27 +215,31 @@ def _add_provenance(writer, model_dir: Path, name: str, metadata: dict | None) -
 # ---------------------------------------------------------------------------------------------------
 
 def _pre_tokenizer(tok, tokenizer_json: dict) -> str:
-    """The llama.cpp pre-tokenizer name: by llama.cpp's own hash when known, else from the split regex."""
-    chkhsh = sha256(str(tok.encode(_CHKTXT, add_special_tokens=False)).encode()).hexdigest()
-    if chkhsh in _CHKHSH:
-        return _CHKHSH[chkhsh]
+    """The llama.cpp pre-tokenizer name for a byte-level BPE tokenizer.
+
+    First from the tokenizer.json pre_tokenizer itself (the split regex / digit splitting), since that is
+    what the HF tokenizer really does; then llama.cpp's own test, a hash of the ids of a fixed string, for
+    other known families. The hash alone can mislead: a tokenizer rebuilt without SmolLM's digit splitting
+    hashes like SmolLM's but splits " 99" differently.
+    """
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    types = [s.get("type") for s in steps]
     patterns = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
     digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
     byte_regex = any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps)
-    if _LLAMA3_RE in patterns:
-        name = "llama-bpe"
-    elif _QWEN2_RE in patterns:
-        name = "qwen2"
-    elif not patterns and byte_regex:
-        name = "smollm" if digits else "gpt-2"
-    else:
-        name = "default"
-        log.warning("unrecognised BPE pre-tokenizer (hash %s, patterns %s); writing 'default', so llama.cpp may "
-                    "split text differently from the HF tokenizer", chkhsh, patterns)
-    log.info("pre-tokenizer %s (hash %s not in the known list; chosen from tokenizer.json)", name, chkhsh[:12])
-    return name
+    if patterns == [_LLAMA3_RE] and set(types) <= {"Split", "ByteLevel"} and not byte_regex:
+        return "llama-bpe"
+    if patterns == [_QWEN2_RE] and set(types) <= {"Split", "ByteLevel"} and not byte_regex:
+        return "qwen2"
+    if not patterns and byte_regex and set(types) <= {"ByteLevel", "Digits"}:
+        return "smollm" if digits else "gpt-2"
+    chkhsh = sha256(str(tok.encode(_CHKTXT, add_special_tokens=False)).encode()).hexdigest()
+    if chkhsh in _CHKHSH:
+        return _CHKHSH[chkhsh]
+    log.warning("unrecognised BPE pre-tokenizer (steps %s, hash %s); writing 'default', so llama.cpp may split "
+                "text differently from the HF tokenizer", types, chkhsh)
+    return "default"
 
 
 def _tokenizer_kind(tokenizer_json: dict, model_dir: Path) -> str:

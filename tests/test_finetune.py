@@ -1,0 +1,237 @@
+"""End to end on CPU with a tiny random-weight Llama: training learns, outputs exist, merged model serves,
+resume reproduces an uninterrupted run, the model card and upload plan are right."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.config import TrainConfig, apply_overrides, load_config
+from training.data import SourceConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+TOPICS = ["apples", "rivers", "clocks", "stars", "bread", "rain", "chess", "trains"]
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append({"messages": [
+            {"role": "user", "content": f"Tell me about {topic} (#{i})."},
+            {"role": "assistant", "content": f"{topic.capitalize()} are nice. Number {i}."},
+        ]})
+    return rows
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path: Path, model_dir, out: str, **overrides) -> TrainConfig:
+    train = _write_jsonl(tmp_path / "train.jsonl", _rows(16))
+    valid = _write_jsonl(tmp_path / "valid.jsonl", _rows(4, offset=100))
+    cfg = TrainConfig()
+    cfg.data.sources = [SourceConfig(path=str(train), format="messages")]
+    cfg.data.validation_path = str(valid)
+    cfg.data.dedup = False
+    base = {"model.name_or_path": str(model_dir), "model.mode": "fp32", "model.gradient_checkpointing": True,
+            "lora.r": 8, "lora.alpha": 16, "train.output_dir": str(tmp_path / out), "train.max_length": 128,
+            "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
+            "train.learning_rate": 1e-2, "train.warmup_ratio": 0.0, "train.logging_steps": 1,
+            "train.eval_steps": 8, "train.save_steps": 16, "train.report_to": "none", "train.optim": "adamw_torch",
+            "export.gguf": False}
+    return apply_overrides(cfg, {**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """tiny-llama with its (frozen, tied) embeddings scaled up 8x. With the default 0.02 init, LoRA alone cannot
+    move the logits of a 64-wide random model more than ~1 nat (|h| is fixed by the final RMSNorm), so the loss
+    could not fall clearly; real checkpoints have no such limit."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.shapes import build_random_model
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    model = build_random_model("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("tiny-llama-scaled")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir):
+    from training.finetune import run
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    cfg = _cfg(tmp, tiny_model_dir, "out", **{"train.max_steps": 32, "export.merged_dtype": "float32"})
+    summary = run(cfg)
+    return cfg, summary, Path(cfg.train.output_dir)
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_writes_every_output(tiny_run):
+    cfg, summary, out = tiny_run
+    for rel in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "merged/config.json",
+                "merged/tokenizer_config.json", "summary.json", "loss.png", "config.yaml", "README.md",
+                "data_report.json", "data_lengths.png", "checkpoint-16", "checkpoint-32"):
+        assert (out / rel).exists(), rel
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 32
+    losses = [p["loss"] for p in summary["train_loss"]]
+    assert len(losses) >= 30
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses  # falls clearly
+    evals = [p["loss"] for p in summary["eval_loss"]]
+    assert len(evals) >= 4 and evals[-1] < evals[0]
+    assert summary["final_eval_loss"] == pytest.approx(evals[-1])
+    assert summary["peak_memory_gb"] > 0 and summary["wall_time_s"] > 0
+    assert on_disk["config"]["lora"]["r"] == 8
+
+
+@pytest.mark.slow
+def test_tokens_per_second_counts_real_tokens_not_padding(tiny_run):
+    """16 rows, batch 4, 32 steps = 8 full epochs: exactly 8x the unpadded length of the training set."""
+    from transformers import AutoTokenizer
+
+    from training.chat_format import encode_conversation
+
+    cfg, summary, out = tiny_run
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    real = sum(len(encode_conversation(tok, r["messages"], 128)["input_ids"]) for r in _rows(16))
+    assert summary["tokens_trained"] == 8 * real
+    assert summary["tokens_per_second"] == pytest.approx(8 * real / summary["train_runtime_s"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_merged_model_matches_adapter_and_generates(tiny_run, tiny_model_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, out = tiny_run
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Tell me about rain (#3)."}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        a = merged(**prompt).logits
+        b = with_adapter(**prompt).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(**prompt).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, plain, atol=1e-2)  # the adapter did change the model
+    gen = merged.generate(**prompt, max_new_tokens=8, do_sample=False)
+    new = gen[0, prompt["input_ids"].shape[1]:]
+    assert 1 <= len(new) <= 8 and isinstance(tok.decode(new), str)
+    # It learned the replies: a training-style answer is far more likely under the merged model than the base.
+    reply = tok("Rain are nice. Number 3.<|im_end|>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt["input_ids"], reply], dim=1)
+    labels = torch.cat([torch.full_like(prompt["input_ids"], -100), reply], dim=1)
+    with torch.no_grad(), with_adapter.disable_adapter():
+        base_loss = with_adapter(input_ids=ids, labels=labels).loss
+    with torch.no_grad():
+        assert merged(input_ids=ids, labels=labels).loss < 0.7 * base_loss
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from training.finetune import run
+
+    class StopAfter(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= self.step:
+                control.should_training_stop = True
+
+    common = {"train.max_steps": 10, "train.save_steps": 4, "train.eval_steps": 5, "export.merge": False,
+              "train.learning_rate": 2e-3}
+    full = run(_cfg(tmp_path, tiny_model_dir, "full", **common))
+    run(_cfg(tmp_path, tiny_model_dir, "split", **common), callbacks=[StopAfter(4)])
+    assert (tmp_path / "split" / "checkpoint-4").is_dir()
+    resumed = run(_cfg(tmp_path, tiny_model_dir, "split", **{**common, "train.resume": True}))
+    assert resumed["resumed_from"] == "checkpoint-4" and resumed["steps"] == full["steps"] == 10
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in full["train_loss"]],
+                                                                        rel=1e-4)
+
+
+def test_model_card_and_upload_plan(tmp_path, monkeypatch):
+    from training import hub
+
+    out = tmp_path / "run"
+    for rel in ("merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "adapter/adapter_config.json",
+                "adapter/adapter_model.safetensors", "gguf/run-q4_k_m.gguf", "summary.json", "loss.png",
+                "config.yaml", "checkpoint-5/adapter_model.safetensors"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("x")
+    cfg = load_config(REPO / "training" / "configs" / "llama-3.2-1b-finetome.yaml",
+                      {"push_to_hub": "alice/llama-tome", "min_score": 4.0})
+    summary = {"steps": 1250, "final_eval_loss": 0.8123, "final_train_loss": 0.9, "mode": "qlora",
+               "tokens_per_second": 3000.0, "peak_memory_gb": 6.5, "wall_time_s": 3600,
+               "gguf_files": ["run-q4_k_m.gguf"]}
+    card = hub.model_card(cfg, summary, {"train_rows": 95000})
+    (out / "README.md").write_text(card)
+    assert "base_model: meta-llama/Llama-3.2-1B-Instruct" in card
+    assert "CHATBOT_MODEL=alice/llama-tome" in card and "CHATBOT_GGUF_FILE=*q4_k_m.gguf" in card
+    assert "mlabonne/FineTome-100k" in card and "min score: 4.0" in card
+    assert "r=16, alpha=16" in card and "0.8123" in card and "0.0002" in card
+
+    plan = hub.upload_plan(out)
+    remote = [r for _, r in plan]
+    assert remote == ["config.json", "model.safetensors", "tokenizer.json", "run-q4_k_m.gguf",
+                      "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "run/summary.json",
+                      "run/loss.png", "run/config.yaml", "README.md"]
+    assert "checkpoints/checkpoint-5/adapter_model.safetensors" in [r for _, r in hub.upload_plan(out, True)]
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["repo"] = (repo_id, private, exist_ok)
+            return f"https://huggingface.co/{repo_id}"
+
+        def create_commit(self, repo_id, operations, commit_message):
+            calls["ops"] = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    url = hub.push_run(out, "alice/llama-tome")
+    assert url.endswith("alice/llama-tome") and calls["token"] == "hf_secret"
+    assert calls["repo"] == ("alice/llama-tome", False, True)
+    assert calls["ops"] == [(r, str(l)) for l, r in plan]
+
+
+def test_cli_help_and_bad_option_from_the_script():
+    script = str(REPO / "training" / "finetune.py")
+    ok = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "--train.save_steps (default: 1250)" in ok.stdout
+    bad = subprocess.run([sys.executable, script, "--lora.rank", "8"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown option 'lora.rank'" in bad.stderr and "lora.r" in bad.stderr

@@ -240,8 +240,17 @@ def smollm2_export(smollm2_gguf, smollm2_tokenizer_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                  dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain one from the
+    # config and the dequantised state dict, as a fine-tune's merged model would be.
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
     model.save_pretrained(root / "merged")
     AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(root / "merged")
     (path,) = export_gguf(root / "merged", root / "gguf", ["f16"],

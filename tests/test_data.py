@@ -545,3 +545,11 @@ def test_cli_prints_the_summary_and_writes_the_report(tmp_path, capsys):
     assert (out / "data_report.json").exists() and (out / "data_lengths.png").exists()
     with pytest.raises(SystemExit, match="error: source path 'nope.jsonl' not found"):
         D.main(["nope.jsonl"])
+
+
+def test_repo_relative_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rep = prep("training/data/examples/alpaca.json").report.sources[0]
+    assert (rep.name, rep.valid) == ("alpaca.json", 2)
+    with pytest.raises(DataError, match=r"data.sources\[0\]: .*path"):
+        D.data_config_from_dict({"sources": [{"weight": 2}]})

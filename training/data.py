@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "openorca", "guanaco", "dialogue")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Every reason a row can be dropped for, in the order the checks run. Tests and the report use these names.
 DROP_REASONS = {
@@ -90,7 +91,10 @@ def data_config_from_dict(values: dict) -> DataConfig:
         unknown = [k for k in d if k not in accepted]
         if unknown:
             raise DataError(f"unknown option {where}.{unknown[0]}; accepted: {', '.join(accepted)}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field (a source's path) is missing
+            raise DataError(f"{where}: {e}; accepted: a mapping of {', '.join(accepted)}") from None
 
     values = dict(values)
     sources = values.pop("sources", [])
@@ -123,13 +127,21 @@ def source_name(src: SourceConfig) -> str:
     return f"{name}:{src.subset}" if src.subset else name
 
 
+def _local_path(path: str) -> Path:
+    """The path as given, or relative to the repository when that is where it exists (recipes name repo files)."""
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
 def _is_local(path: str) -> bool:
-    return Path(path).expanduser().exists() or path.lower().endswith(LOCAL_SUFFIXES)
+    return _local_path(path).exists() or path.lower().endswith(LOCAL_SUFFIXES)
 
 
 def read_rows(src: SourceConfig) -> list[Any]:
     """Raw rows of a source: dicts, or None for a .jsonl line that is not JSON."""
-    path = Path(src.path).expanduser()
+    path = _local_path(src.path)
     if src.path.lower().endswith(LOCAL_SUFFIXES):
         if not path.is_file():
             raise DataError(f"source path {src.path!r} not found (a local .jsonl/.json/.csv/.parquet file, "
@@ -183,7 +195,7 @@ def _read_dataset(src: SourceConfig) -> list[dict]:
     """A dataset directory (saved with save_to_disk, or a folder of data files) or a Hub id, through `datasets`."""
     import datasets
 
-    path = Path(src.path).expanduser()
+    path = _local_path(src.path)
     split = src.split
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
@@ -195,7 +207,7 @@ def _read_dataset(src: SourceConfig) -> list[dict]:
         else:
             if src.max_rows is not None and "[" not in split:
                 split = f"{split}[:{src.max_rows}]"
-            ds = datasets.load_dataset(src.path, src.subset, split=split)
+            ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.subset, split=split)
     except DataError:
         raise
     except Exception as e:  # network, unknown id, bad split: say which source, keep the library's reason

@@ -244,6 +244,9 @@ def test_dataset_directory_and_hub_ids_go_through_datasets(tmp_path, monkeypatch
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", rows)  # a folder of data files: datasets.load_dataset(folder)
     assert prep(folder).report.sources[0].valid == 6
+    streamed = prepare_data(DataConfig(sources=[SourceConfig(str(folder), max_rows=4)], validation_fraction=0),
+                            log=None)
+    assert streamed.report.sources[0].rows == 4
 
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
@@ -253,17 +256,21 @@ def test_dataset_directory_and_hub_ids_go_through_datasets(tmp_path, monkeypatch
 
     calls = []
 
-    def fake_load_dataset(path, name=None, split=None, **kw):
-        calls.append((path, name, split))
-        return datasets.Dataset.from_list([{"conversations": [{"from": "human", "value": "q"},
-                                                              {"from": "gpt", "value": "a"}]}])
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+                for i in range(1000)]
+        return datasets.Dataset.from_list(rows).to_iterable_dataset() if streaming else datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     cfg = DataConfig(sources=[SourceConfig("mlabonne/FineTome-100k", max_rows=500),
                               SourceConfig("Open-Orca/OpenOrca", subset="default", split="train[:1%]")],
                      dedup=False, validation_fraction=0)
     result = prepare_data(cfg, log=None)
-    assert calls == [("mlabonne/FineTome-100k", None, "train[:500]"), ("Open-Orca/OpenOrca", "default", "train[:1%]")]
+    # max_rows on a Hub id streams (only the first shards are fetched); an explicit slice is passed through
+    assert calls == [("mlabonne/FineTome-100k", None, "train", True), ("Open-Orca/OpenOrca", "default", "train[:1%]",
+                                                                      False)]
+    assert [s.rows for s in result.report.sources] == [500, 1000]
     assert [s.name for s in result.report.sources] == ["mlabonne/FineTome-100k", "Open-Orca/OpenOrca:default"]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -204,16 +205,20 @@ def _read_dataset(src: SourceConfig) -> list[dict]:
                 if split not in ds:
                     raise DataError(f"split {split!r} not in {src.path!r}; accepted: {', '.join(ds)}")
                 ds = ds[split]
+        elif src.max_rows is not None and "[" not in split:
+            # Streaming reads only the shards the first max_rows rows live in; split slicing ("train[:N]")
+            # would download the whole data set first (gigabytes for OpenOrca).
+            ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.subset, split=split,
+                                       streaming=True)
+            return [dict(row) for row in itertools.islice(ds, src.max_rows)]
         else:
-            if src.max_rows is not None and "[" not in split:
-                split = f"{split}[:{src.max_rows}]"
             ds = datasets.load_dataset(str(path) if path.exists() else src.path, src.subset, split=split)
+        return ds.to_list()
     except DataError:
         raise
     except Exception as e:  # network, unknown id, bad split: say which source, keep the library's reason
         raise DataError(f"could not load source {src.path!r} (subset={src.subset!r}, split={split!r}) "
                         f"with datasets: {type(e).__name__}: {e}") from e
-    return ds.to_list()
 
 
 # ----------------------------------------------------------------------------------------------------------

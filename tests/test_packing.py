@@ -1,6 +1,8 @@
 """Packing must not change what is learned: packed loss/logits/gradients equal the unpacked ones."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -110,3 +112,30 @@ def test_pick_attention():
 def test_pack_rows_rejects_bad_length(rows):
     with pytest.raises(ValueError, match="max_length"):
         pack_rows(rows, 0)
+
+
+def test_finetune_trainer_packs_and_counts_real_tokens(rows, smollm2_tokenizer_dir, tmp_path):
+    """finetune.build_trainer with train.packing: packed rows, flattened batches without a mask, and the Trainer's
+    token count (what tokens/s is computed from) equals the real tokens it trained on."""
+    from transformers import AutoTokenizer
+
+    from training.config import TrainConfig
+    from training.finetune import build_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer.pad_token = "<|endoftext|>"  # as prepare_tokenizer picks: a token real rows never contain
+    assert all(tokenizer.pad_token_id not in r["input_ids"] for r in rows)
+    cfg = TrainConfig()
+    cfg.model.mode = "fp32"
+    for key, value in dict(output_dir=str(tmp_path), max_length=24, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, max_steps=2, save_steps=100, report_to="none",
+                           packing=True, use_liger=True, optim="adamw_torch", logging_steps=1).items():
+        setattr(cfg.train, key, value)
+    trainer = build_trainer(cfg, "fp32", _model("sdpa").train(), tokenizer, rows)
+    assert not trainer.args.use_liger_kernel  # no CUDA here: the standard loss, no ImportError
+    assert len(trainer.train_dataset) < len(rows)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert trainer.state.num_input_tokens_seen == sum(len(r["input_ids"]) for r in rows)

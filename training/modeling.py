@@ -90,7 +90,7 @@ def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mo
     from training.packing import pick_attention
 
     kwargs = dict(trust_remote_code=model.trust_remote_code, device_map=local_device_map())
-    attn = pick_attention(model.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu")
+    attn = pick_attention(model.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu", mode)
     if attn:
         kwargs["attn_implementation"] = attn
     if mode == "qlora":

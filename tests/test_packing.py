@@ -107,6 +107,7 @@ def test_first_label_of_each_conversation_is_ignored(rows):
 def test_pick_attention():
     assert pick_attention("eager", "cuda") == "eager"
     assert pick_attention(None, "cpu") is None  # transformers' default, sdpa, honours packed position_ids
+    assert pick_attention(None, "cuda", "fp32") is None  # flash-attention has no fp32 kernels
 
 
 def test_pack_rows_rejects_bad_length(rows):

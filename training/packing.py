@@ -62,12 +62,13 @@ def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def pick_attention(requested: str | None, device: str) -> str | None:
+def pick_attention(requested: str | None, device: str, mode: str = "bf16") -> str | None:
     """The attention implementation to load the model with: the configured one, else flash_attention_2 on CUDA
-    when the flash-attn package is installed (varlen kernel, no mask), else transformers' default (sdpa)."""
+    in a 16-bit mode when the flash-attn package is installed (varlen kernel, no mask), else transformers'
+    default (sdpa, which gets a block-diagonal mask from the packed position_ids)."""
     if requested:
         return requested
-    if device == "cuda" and has_flash_attn():
+    if device == "cuda" and mode in ("qlora", "bf16") and has_flash_attn():
         return "flash_attention_2"
     return None
 

@@ -1,0 +1,275 @@
+"""Short fine-tuning runs over a grid of recipe options, ranked by held-out loss on one fixed held-out set.
+
+    python training/sweep.py --config training/configs/smollm2-135m-cpu.yaml \
+        --grid lr=1e-4,2e-4 r=8,16 --max-steps 30 --data-subset 200 --out runs/sweep
+
+    # data ablation: the same recipe over data choices, all scored on the same held-out rows
+    python training/sweep.py --config training/configs/smollm2-135m-cpu.yaml \
+        --grid data.dedup=false,true data.near_dedup=none,0.85 --max-steps 30 --out runs/ablation
+
+Every grid point is a real `training/finetune.py` run (training.finetune.run) of the recipe with the point's
+overrides (any option finetune.py takes: lr, r, alpha, train.*, lora.*, data.*; `none` unsets). Before the first
+run the recipe's held-out rows are computed once and pinned (data.validation_path = OUT/heldout.jsonl), so every
+variant - whatever its data options - is scored on exactly the same rows, by training.evaluate.heldout_loss
+(loss on assistant tokens, the training mask). A GGUF base is converted once (OUT/base) and shared by every run.
+
+Writes OUT/sweep.md (ranked table), OUT/sweep.json, OUT/sweep.png and OUT/best.yaml: the recipe with the best
+point's options (the recipe's own steps and data size, not the sweep's shortened ones), ready for finetune.py.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
+
+# Short names people type for the usual sweep knobs; anything else is a finetune.py option name.
+ALIASES = {"lr": "train.learning_rate", "epochs": "train.num_train_epochs", "steps": "train.max_steps",
+           "batch_size": "train.per_device_train_batch_size", "grad_accum": "train.gradient_accumulation_steps"}
+
+
+def log(msg: str) -> None:
+    print(f"[sweep] {msg}", flush=True)
+
+
+def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """["lr=1e-4,2e-4", "r=8,16"] -> [("train.learning_rate", ["1e-4", "2e-4"]), ("r", ["8", "16"])].
+    A value in brackets is one list value: target_modules=[q_proj,v_proj],[all-linear]."""
+    grid = []
+    for item in items:
+        key, eq, values = item.partition("=")
+        parts = [v.strip() for v in re.split(r",(?![^\[]*\])", values)] if eq else []
+        if not eq or not key.strip() or not parts or "" in parts:
+            raise ConfigError(f"--grid {item!r} is not KEY=V1,V2,...; accepted: e.g. lr=1e-4,2e-4 r=8,16 "
+                              "data.dedup=false,true")
+        grid.append((ALIASES.get(key.strip(), key.strip()), parts))
+    keys = [k for k, _ in grid]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"--grid names a key twice: {keys}")
+    return grid
+
+
+def grid_points(grid: Sequence[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    return [dict(zip([k for k, _ in grid], values)) for values in itertools.product(*[v for _, v in grid])]
+
+
+def _label(point: dict[str, str]) -> str:
+    short = {v: k for k, v in ALIASES.items()}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in point.items()) or "recipe"
+
+
+def pin_heldout(cfg: TrainConfig, out: Path, max_rows: int | None = None) -> tuple[Path, list[dict]]:
+    """The recipe's held-out rows, computed once and written to OUT/heldout.jsonl (or its validation_path)."""
+    from training.data import load_conversations, prepare_data
+    from training.finetune import _resolve_sources
+
+    _resolve_sources(cfg)
+    if cfg.data.validation_path:
+        rows = load_conversations(cfg.data.validation_path)
+    else:
+        data = cfg.data
+        saved = (data.min_tokens, data.max_tokens)
+        data.min_tokens = data.max_tokens = None  # the split is taken before any filter; no tokenizer needed
+        rows = prepare_data(data, tokenizer=None, log=None).validation
+        data.min_tokens, data.max_tokens = saved
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise ConfigError("the recipe's data gives no held-out rows; accepted: data.validation_fraction > 0 or "
+                          "data.validation_path")
+    path = out / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path, rows
+
+
+def shared_base(cfg: TrainConfig, out: Path) -> dict[str, Any]:
+    """Overrides that point every run at one HF copy of a GGUF base (converted once); {} for an HF base."""
+    from training.modeling import load_tokenizer, materialize_gguf_base, resolve_base
+
+    if not resolve_base(cfg.model)[1]:
+        return {}
+    from training.chat_format import prepare_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    prepare_tokenizer(tokenizer, cfg.model.chat_template)
+    base = Path(materialize_gguf_base(cfg.model, out / "base", tokenizer))
+    # Work-around: the converted config.json keeps the GGUF quantization_config, which Trainer refuses to train.
+    config = json.loads((base / "config.json").read_text())
+    if config.pop("quantization_config", None) is not None:
+        (base / "config.json").write_text(json.dumps(config, indent=2))
+    return {"model.name_or_path": str(base), "model.gguf_file": None}
+
+
+def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: str | Path, *,
+              max_steps: int | None = None, data_subset: int | None = None, eval_rows: int | None = None,
+              fixed: dict[str, Any] | None = None, keep: bool = False, baseline: bool = True) -> dict:
+    """Run every grid point, score each on the pinned held-out rows, rank, write table/plot/best recipe."""
+    from training.evaluate import heldout_loss, load_for_loss
+    from training.finetune import run
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base_cfg = load_config(recipe, fixed)
+    heldout_path, heldout = pin_heldout(base_cfg, out, eval_rows)
+    common = {"data.validation_path": str(heldout_path), "export.gguf": False, "export.merge": True,
+              "export.merged_dtype": "float32", "hub.push_to_hub": None, "hub.push_checkpoints": False,
+              "train.report_to": "none", "train.eval_steps": 0, "train.resume": False, **(fixed or {})}
+    if max_steps is not None:
+        common["train.max_steps"] = max_steps
+    if data_subset is not None:
+        common["data.max_rows"] = data_subset
+    points = grid_points(grid)
+    # Every point's config is built (and so validated) before the first run starts.
+    configs = [load_config(recipe, {**common, **p, "train.output_dir": str(out / "runs" / f"{i:02d}")})
+               for i, p in enumerate(points)]
+    if configs and configs[0].train.max_steps > 0:
+        for c in configs:  # one checkpoint at the very end at most
+            c.train.save_steps = max(c.train.save_steps, c.train.max_steps)
+    base_overrides = shared_base(base_cfg, out)
+    for c in configs:
+        apply_overrides(c, base_overrides)
+    log(f"{len(points)} runs; held-out: {len(heldout)} rows pinned in {heldout_path}")
+
+    results: dict[str, Any] = {"recipe": str(recipe), "grid": [[k, v] for k, v in grid], "heldout": str(heldout_path),
+                               "heldout_rows": len(heldout), "max_steps": max_steps, "data_subset": data_subset,
+                               "runs": [], "baseline": None}
+    if baseline:
+        model, tok = load_for_loss(base_overrides.get("model.name_or_path") or configs[0].model.name_or_path,
+                                   base_cfg.model.chat_template)
+        results["baseline"] = heldout_loss(model, tok, heldout, base_cfg.train.max_length)
+        del model
+        log(f"untrained base: held-out loss {results['baseline']['loss']:.4f}")
+    for i, (point, cfg) in enumerate(zip(points, configs)):
+        entry: dict[str, Any] = {"run": i, "label": _label(point), "overrides": point,
+                                 "output_dir": cfg.train.output_dir}
+        log(f"run {i + 1}/{len(points)}: {entry['label']}")
+        started = time.time()
+        try:
+            summary = run(cfg)
+            model, tok = load_for_loss(Path(cfg.train.output_dir) / "merged")
+            entry.update(heldout_loss(model, tok, heldout, cfg.train.max_length))
+            del model
+            entry.update(trainer_eval_loss=summary.get("final_eval_loss"),
+                         final_train_loss=summary.get("final_train_loss"), steps=summary.get("steps"),
+                         train_rows=(summary.get("examples") or {}).get("train"),
+                         tokens_per_second=summary.get("tokens_per_second"))
+        except Exception as exc:  # one failing point (e.g. out of memory) must not lose the others
+            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log(f"run {i + 1} failed: {entry['error']}")
+        entry["wall_s"] = round(time.time() - started, 1)
+        if not keep:  # the adapter stays; the big files go
+            run_dir = Path(cfg.train.output_dir)
+            for d in [run_dir / "merged", *run_dir.glob("checkpoint-*")]:
+                shutil.rmtree(d, ignore_errors=True)
+        results["runs"].append(entry)
+        if "loss" in entry:
+            log(f"run {i + 1}: held-out loss {entry['loss']:.4f}")
+
+    ranked = sorted((r for r in results["runs"] if "loss" in r), key=lambda r: r["loss"])
+    for rank, r in enumerate(ranked, 1):
+        r["rank"] = rank
+    results["ranking"] = [r["run"] for r in ranked]
+    if ranked:
+        best = load_config(recipe, {**(fixed or {}), **ranked[0]["overrides"]})
+        best.train.output_dir = f"runs/{Path(recipe).stem}-best"
+        results["best"] = {"run": ranked[0]["run"], "label": ranked[0]["label"], "loss": ranked[0]["loss"],
+                           "recipe": str(save_config(best, out / "best.yaml"))}
+    else:
+        results["best"] = None
+    (out / "sweep.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "sweep.md").write_text(sweep_markdown(results) + "\n")
+    plot_sweep(results, out / "sweep.png")
+    log(f"wrote {out / 'sweep.md'}, sweep.json, sweep.png" + (", best.yaml" if ranked else ""))
+    return results
+
+
+def sweep_markdown(results: dict) -> str:
+    keys = [k for k, _ in results["grid"]]
+    head = ["rank", *keys, "held-out loss", "ppl", "trainer eval loss", "final train loss", "tokens/s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    f = lambda v, fmt: fmt.format(v) if isinstance(v, (int, float)) else "-"  # noqa: E731
+    order = sorted(results["runs"], key=lambda r: r.get("rank", 10**9))
+    for r in order:
+        lines.append("| " + " | ".join([str(r.get("rank", "failed")), *[r["overrides"][k] for k in keys],
+                                        f(r.get("loss"), "{:.4f}"), f(r.get("perplexity"), "{:.2f}"),
+                                        f(r.get("trainer_eval_loss"), "{:.4f}"), f(r.get("final_train_loss"), "{:.4f}"),
+                                        f(r.get("tokens_per_second"), "{:.0f}"), f(r.get("wall_s"), "{:.0f}")]) + " |")
+    if results.get("baseline"):
+        lines.append("| base | " + " | ".join(["-"] * len(keys)) + f" | {results['baseline']['loss']:.4f} | "
+                     f"{results['baseline']['perplexity']:.2f} | - | - | - | - |")
+    lines += ["", f"Held-out: {results['heldout_rows']} rows, the same for every run ({results['heldout']}); "
+              "loss = mean NLL per assistant token; `base` = the untrained base model."]
+    if results.get("best"):
+        lines.append(f"Best: {results['best']['label']} -> {results['best']['recipe']}")
+    for r in results["runs"]:
+        if "error" in r:
+            lines.append(f"- run {r['run']} ({r['label']}) failed: {r['error']}")
+    return "\n".join(lines)
+
+
+def plot_sweep(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = sorted((r for r in results["runs"] if "loss" in r), key=lambda r: r["loss"], reverse=True)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(done) + 1.8))
+    ax.barh([r["label"] for r in done], [r["loss"] for r in done], color="tab:blue")
+    if results.get("baseline"):
+        ax.axvline(results["baseline"]["loss"], color="tab:red", linestyle="--", label="untrained base")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("held-out loss (assistant tokens; lower is better)")
+    ax.set_title("Sweep: " + Path(results["recipe"]).name)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the recipe YAML every run starts from")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="option values to cross (lr, r, alpha, train.*, lora.*, data.* ...)")
+    p.add_argument("--max-steps", type=int, help="steps per run (default: the recipe's)")
+    p.add_argument("--data-subset", type=int, help="training rows per run (data.max_rows)")
+    p.add_argument("--eval-rows", type=int, help="use only the first N held-out rows")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="fixed overrides for every run")
+    p.add_argument("--keep", action="store_true", help="keep each run's merged model and checkpoints")
+    p.add_argument("--out", default="runs/sweep")
+    args = p.parse_args(argv)
+    try:
+        for opt, value in (("--max-steps", args.max_steps), ("--data-subset", args.data_subset),
+                           ("--eval-rows", args.eval_rows)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{opt}={value} is not valid; accepted: an integer >= 1")
+        fixed = {}
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError(f"--set {item!r} is not KEY=VALUE")
+            fixed[ALIASES.get(key, key)] = value
+        results = run_sweep(args.config, parse_grid(args.grid), args.out, max_steps=args.max_steps,
+                            data_subset=args.data_subset, eval_rows=args.eval_rows, fixed=fixed, keep=args.keep)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(sweep_markdown(results))
+    return 0 if results.get("best") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any, Iterator
 
-from chatbot.backends.base import Backend, Chunk, GenerationParams
+from chatbot.backends.base import Backend, GenerationParams
 from chatbot.history import NOTICE, build_messages, content_text, normalise, trim
 from chatbot.settings import Settings
 
@@ -68,12 +68,13 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
     producer = threading.Thread(target=produce, name="backend-stream", daemon=True)
     producer.start()
     try:
-        done = False
+        done, next_update = False, start
         while not done:
             batch = [items.get()]
-            while True:  # take everything that arrived while the UI was busy: one update for all of it
+            # Gather what arrives until the next update is due; the end of the stream is sent at once.
+            while batch[-1] is not None:
                 try:
-                    batch.append(items.get_nowait())
+                    batch.append(items.get(timeout=max(0.0, next_update - time.perf_counter())))
                 except queue.Empty:
                     break
             for item in batch:
@@ -84,22 +85,15 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
                 if isinstance(chunk, Exception):
                     text += ("\n\n" if text else "") + notice(f"The model failed: {type(chunk).__name__}: {chunk}")
                     continue
-                assert isinstance(chunk, Chunk)
                 if chunk.text:
-                    if first is None:
-                        first = at
+                    first = at if first is None else first
                     text += chunk.text
-                    tokens += chunk.tokens
                     last = at
-                elif chunk.tokens:
-                    tokens += chunk.tokens
-                if chunk.finish_reason:
-                    finish = chunk.finish_reason
-            stats = format_stats(tokens, None if first is None else first - start,
-                                 (last - first) if first is not None else 0.0, finish, dropped)
-            yield text, stats
-            if not done and STREAM_INTERVAL:
-                time.sleep(STREAM_INTERVAL)
+                tokens += chunk.tokens
+                finish = chunk.finish_reason or finish
+            yield text, format_stats(tokens, None if first is None else first - start,
+                                     (last - first) if first is not None else 0.0, finish, dropped)
+            next_update = time.perf_counter() + STREAM_INTERVAL
     finally:
         # Also reached when Gradio closes the generator (stop button, client gone): end decoding now.
         cancel.set()

@@ -49,7 +49,7 @@ def _no_extra_cpu_buffers(monkeypatch):
 
 
 def _llama(path: Path, **kw):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=False,
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_batch=256, logits_all=False,
                            verbose=False, **kw)
 
 
@@ -80,21 +80,28 @@ def _greedy_hf(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def _peaky_copy(src: Path, dst: Path, seed: int = 0) -> Path:
-    """The fixture model with its embedding scaled up and random q/k/v biases.
+def _peaky_copy(src: Path, dst: Path, seed: int = 0, rope: dict | None = None) -> Path:
+    """The fixture model with sharper logits and attention, and random q/k/v biases.
 
-    A freshly initialised model (std 0.02) has nearly flat logits: the top two of 49k tokens differ by
-    ~1e-3, so q8_0 rounding flips greedy ties and the comparison would test noise. Scaling the (tied)
-    embedding x16 spreads the logits to std ~2.5 without changing the architecture, so a greedy mismatch
-    means a real conversion error. HF initialises biases to zero, which would hide a lost Qwen2 bias.
+    A freshly initialised model (std 0.02) has nearly flat logits (the top two of 49k tokens differ by
+    ~1e-3, so q8_0 rounding flips greedy ties) and nearly uniform attention (so a wrong rope or q/k
+    permutation barely moves the logits). Scaling the final norm x16 spreads the logits without touching
+    the residual stream; scaling q/k x8 makes attention depend sharply on positions. HF initialises
+    biases to zero, which would hide a lost Qwen2 bias. The architecture is unchanged, so a mismatch
+    after export means a conversion error, not noise.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    config = transformers.AutoConfig.from_pretrained(src)
+    if rope:
+        config.rope_parameters = {**config.rope_parameters, **rope}
+    model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(16.0)
+        model.model.norm.weight.mul_(16.0)
         for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     model.save_pretrained(dst)
@@ -102,13 +109,18 @@ def _peaky_copy(src: Path, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir"])
+# Llama-3.x rope scaling, with an original context short enough that most frequencies are rescaled.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir", "llama3_rope"])
 def tiny_export(request, tmp_path_factory):
-    """(hf model dir, f16 gguf, q8_0 gguf) for a tiny Llama and a tiny Qwen2."""
-    src = request.getfixturevalue(request.param)
+    """(hf model dir, f16 gguf, q8_0 gguf) for a tiny Llama, a tiny Qwen2 and a tiny Llama with llama3 rope."""
+    src = request.getfixturevalue("tiny_llama_dir" if request.param == "llama3_rope" else request.param)
     root = tmp_path_factory.mktemp(request.param)
-    model_dir = _peaky_copy(src, root / "merged")
-    f16, q8 = export_gguf(model_dir, root / "gguf", ["f16", "q8_0"], {"base_model": "test/tiny"}, progress=False)
+    model_dir = _peaky_copy(src, root / "merged", rope=LLAMA3_ROPE if request.param == "llama3_rope" else None)
+    f16, q8 = export_gguf(model_dir, root / "gguf", ["f16", "q8_0"], {"base_model": "test/tiny"}, progress=False, threads=1)
     return model_dir, f16, q8
 
 
@@ -127,8 +139,8 @@ def test_round_trip_f16_logits_and_q8_greedy(tiny_export):
             ref = model(torch.tensor([ids])).logits[0, -1].numpy()
         got = _last_logits(llm16, ids)
         scale = float(np.abs(ref).max())
-        # f16 weights: ~1e-3 relative error per logit; a wrong permutation/bias/norm gives O(1) errors.
-        assert np.abs(got - ref).max() <= 2e-2 * scale, prompt
+        # f16 weights: <1e-3 of the logit range; a wrong q/k permutation or rope gives >1e-1 (checked by hand).
+        assert np.abs(got - ref).max() <= 1e-2 * scale, prompt
         assert int(got.argmax()) == int(ref.argmax())
     llm8 = _llama(q8)
     for prompt in PROMPTS[:2]:
@@ -157,13 +169,15 @@ def test_round_trip_metadata(tiny_export):
     assert value("tokenizer.ggml.eos_token_id") == tok.eos_token_id
     assert value("tokenizer.ggml.eot_token_id") == tok.convert_tokens_to_ids("<|im_end|>")
     assert value("general.base_model.0.name") == "test/tiny"
+    tensors = {t.name for t in GGUFReader(f16).tensors}
+    assert ("rope_freqs.weight" in tensors) == (cfg.rope_parameters.get("rope_type") == "llama3")
 
 
 def test_tokenizer_parity_byte_level_bpe(tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    (path,) = export_gguf(tiny_llama_dir, tmp_path, ["f16"], progress=False)
+    (path,) = export_gguf(tiny_llama_dir, tmp_path, ["f16"], progress=False, threads=1)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in (NASTY, "  leading spaces", "x" * 40 + "  \n\n  " + "9" * 17):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text, add_special_tokens=False)
@@ -218,7 +232,7 @@ def test_tokenizer_parity_sentencepiece(tmp_path, keep_model_file):
 
     model_dir, sp = _sentencepiece_model_dir(tmp_path, keep_model_file)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    (path,) = export_gguf(model_dir, tmp_path / "gguf", ["f16"], progress=False)
+    (path,) = export_gguf(model_dir, tmp_path / "gguf", ["f16"], progress=False, threads=1)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     assert llm.metadata["tokenizer.ggml.model"] == "llama"
     for text in (NASTY, "Hello world", "a    b   c", "tabs\t\tand\n\nnewlines  "):
@@ -254,7 +268,7 @@ def smollm2_export(smollm2_gguf, smollm2_tokenizer_dir, tmp_path_factory):
     model.save_pretrained(root / "merged")
     AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(root / "merged")
     (path,) = export_gguf(root / "merged", root / "gguf", ["f16"],
-                          {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "datasets": ["none"]}, progress=False)
+                          {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "datasets": ["none"]}, progress=False, threads=1)
     return root / "merged", model.eval(), path
 
 

@@ -319,25 +319,20 @@ def _bpe_tokens(tok, n_vocab: int):
 
 def _turn_end_token(tok) -> int | None:
     """The special token the chat template puts right after an assistant message (ChatML's <|im_end|>,
-    Llama-3's <|eot_id|> …), found by rendering a one-turn conversation and looking after the reply."""
-    if not tok.chat_template:
+    Llama-3's <|eot_id|> …), found by rendering a one-turn conversation and reading what follows the reply."""
+    if not isinstance(tok.chat_template, str):
         return None
-    marker = "Zq"
+    marker = "Zq7x"
     try:
-        ids = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                      tokenize=True, add_generation_prompt=False)
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False, add_generation_prompt=False)
     except Exception as exc:  # a template that cannot render a plain turn: fall back to the known names
         log.warning("could not render the chat template to find the end-of-turn token: %s", exc)
         return None
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    marker_ids = tok.encode(marker, add_special_tokens=False)
-    special = set(tok.all_special_ids) | {i for i, a in tok.added_tokens_decoder.items() if a.special}
-    for start in range(len(ids) - len(marker_ids), -1, -1):
-        if list(ids[start:start + len(marker_ids)]) == marker_ids:
-            after = [i for i in ids[start + len(marker_ids):] if i in special]
-            return after[0] if after else None
-    return None
+    rest = text[text.rfind(marker) + len(marker):].lstrip(" ")
+    matches = [(len(a.content), i) for i, a in tok.added_tokens_decoder.items()
+               if a.special and a.content and rest.startswith(a.content)]
+    return max(matches)[1] if matches else None
 
 
 def _add_vocab(writer, model_dir: Path, config: dict) -> dict:

@@ -224,6 +224,7 @@ def export_gguf_step(cfg: TrainConfig, merged_dir: Path, out: Path) -> list[Path
 def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     """Train, merge, export; returns the summary (also written to OUT/summary.json)."""
     import torch
+    from accelerate import PartialState
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -243,12 +244,13 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     # 1. Tokenizer with a chat template and pad != eos (so EOS stays a trained label).
     tokenizer = load_tokenizer(cfg.model)
     new_token_ids = prepare_tokenizer(tokenizer, cfg.model.chat_template)
-    base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
+    with PartialState().main_process_first():  # under DDP rank 0 writes OUT/base, the others then read it
+        base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
 
     # 2. Data: normalised messages, cleaned, mixed and split by training.data; then masked tensors.
     data = prepare_data(cfg.data, tokenizer=tokenizer, log=log)
-    data.report.write(out)
-    log(data.report.summary())
+    if PartialState().is_main_process:
+        data.report.write(out)  # prepare_data has logged its summary
     train_rows, train_drop = tokenize_rows(data.train, tokenizer, cfg.train.max_length)
     eval_rows, eval_drop = tokenize_rows(data.validation, tokenizer, cfg.train.max_length)
     for split, dropped in (("train", train_drop), ("validation", eval_drop)):
@@ -280,7 +282,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
         tokens_before = state.get("num_input_tokens_seen", 0)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    final_eval = trainer.evaluate() if eval_rows else {}
+    final_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    if eval_rows and final_eval.get("step") != trainer.state.global_step:
+        final_eval = trainer.evaluate()  # the last periodic eval was before the final step
     history = list(trainer.state.log_history)  # restored from the checkpoint on resume: the whole run's curve
     if not trainer.is_world_process_zero():
         return {}

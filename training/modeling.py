@@ -6,6 +6,7 @@ treats it like any other base.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -49,7 +50,11 @@ def materialize_gguf_base(model: ModelConfig, out_dir: Path, tokenizer) -> str:
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):  # it is plain fp32 now, trainable and savable
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict(), strict=False)
     fresh.tie_weights()
     tmp = out_dir.with_name(out_dir.name + ".tmp")

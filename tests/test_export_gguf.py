@@ -359,6 +359,9 @@ def test_bad_input_lora_adapter_dir(tiny_llama_dir, tmp_path):
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     with pytest.raises(ExportError, match="LoRA adapter.*merge_and_unload"):
         export_gguf(tmp_path / "adapter", tmp_path / "out")
+    shutil.copy(tiny_llama_dir / "config.json", tmp_path / "adapter")  # a run dir with the base config beside
+    with pytest.raises(ExportError, match="LoRA adapter.*training/finetune.py"):
+        export_gguf(tmp_path / "adapter", tmp_path / "out")
 
 
 def test_cli_exits_2_with_one_line_error(tiny_llama_dir, tmp_path):

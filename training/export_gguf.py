@@ -66,7 +66,7 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 
 def _weight_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
+    return sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("adapter_model"))
 
 
 def _check_inputs(model_dir: Path, quants: Sequence[str]) -> tuple[dict, list[str]]:
@@ -79,7 +79,7 @@ def _check_inputs(model_dir: Path, quants: Sequence[str]) -> tuple[dict, list[st
         raise ExportError(f"quant: unknown {', '.join(map(repr, bad)) or 'empty list'}; accepted: {', '.join(QUANTS)}")
     if not model_dir.is_dir():
         raise ExportError(f"model_dir: {str(model_dir)!r} is not a directory")
-    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+    if (model_dir / "adapter_config.json").is_file() and not _weight_files(model_dir):
         raise ExportError(
             f"model_dir: {str(model_dir)!r} is a LoRA adapter, not a merged model; merge it first: "
             "`python training/finetune.py ...` writes OUT/merged next to the adapter, or in Python "

@@ -268,7 +268,7 @@ def run_child(args, variant: str, ckpt: str) -> dict:
     reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "?")
     if args.verbose:
         print(proc.stdout + proc.stderr, file=sys.stderr)
-    return {"variant": variant, "error": reason.strip()[:160]}
+    return {"variant": variant, "error": f"exit status {proc.returncode}: {reason.strip()[:160]}"}
 
 
 def format_table(results: list[dict], matmul_params: int, mean_len: float, mode: str, peak_override) -> str:
@@ -293,7 +293,7 @@ def format_table(results: list[dict], matmul_params: int, mean_len: float, mode:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-3.2-1b", help=f"one of {', '.join(SHAPES)}")
     p.add_argument("--mode", default=None, help="qlora | bf16 | fp32 (default: qlora on cuda, fp32 on cpu)")

@@ -235,3 +235,46 @@ def test_cli_help_and_bad_option_from_the_script():
     assert ok.returncode == 0 and "--train.save_steps (default: 1250)" in ok.stdout
     bad = subprocess.run([sys.executable, script, "--lora.rank", "8"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option 'lora.rank'" in bad.stderr and "lora.r" in bad.stderr
+
+
+@pytest.mark.slow
+def test_base_without_template_gets_recipe_chatml_with_trained_new_tokens(tmp_path):
+    """GPT-Neo / DialoGPT path: the base has no chat template and no <|im_start|>; the recipe's ChatML adds the
+    markers as special tokens, the embeddings grow, those rows are trained, and the merged model + tokenizer
+    render ChatML prompts for serving."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    from training.finetune import run
+    from training.shapes import build_random_model
+
+    words = ["<unk>", "</s>", "tell", "me", "about", "are", "nice", "number", ".", "(", ")", "#"] + \
+        [t for t in TOPICS] + [str(i) for i in range(10)]
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, eos_token="</s>", unk_token="<unk>")
+    assert tok.chat_template is None
+    build_random_model("tiny-llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id).save_pretrained(
+        tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    rows = [{"messages": [{"role": "user", "content": f"tell me about {t} ( # {i} )"},
+                          {"role": "assistant", "content": f"{t} are nice . number {i} ."}]}
+            for i, t in enumerate(TOPICS)]
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = _cfg(tmp_path, tmp_path / "base", "out", **{"chat_template": "chatml", "max_steps": 3,
+                                                      "data.sources": str(data), "export.merged_dtype": "float32"})
+    summary = run(cfg)
+    out = Path(cfg.train.output_dir)
+    assert summary["steps"] == 3
+
+    served = AutoTokenizer.from_pretrained(out / "merged")
+    start, end = served.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert (start, end) == (len(tok), len(tok) + 1) and served.eos_token == "<|im_end|>"
+    assert served.pad_token_id not in (served.eos_token_id, None)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged.get_input_embeddings().weight.shape[0] == len(served)
+    prompt = served.apply_chat_template(rows[0]["messages"][:1], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|im_start|>user\ntell me about apples ( # 0 )<|im_end|>\n<|im_start|>assistant\n"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("trainable_tokens" in k or "token_adapter" in k for k in adapter), sorted(adapter)[:5]

@@ -145,7 +145,11 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, token
     m.config.eos_token_id = tokenizer.eos_token_id
     if m.generation_config is not None:
         m.generation_config.pad_token_id = tokenizer.pad_token_id
-        m.generation_config.eos_token_id = tokenizer.eos_token_id
+        eos = m.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if tokenizer.eos_token_id not in eos:  # keep the base's other stop ids (Llama 3: eot + eom + eos)
+            eos = [tokenizer.eos_token_id] + eos
+        m.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
     out_dir = Path(out_dir)
     m.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

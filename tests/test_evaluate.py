@@ -86,7 +86,7 @@ def test_heldout_loss_is_lower_after_training(tiny_run, tiny_llama_dir):
     before = heldout_loss(*load_for_loss(tiny_llama_dir), rows)
     after = heldout_loss(*load_for_loss(run_dir / "merged"), rows)
     assert before["tokens"] == after["tokens"]  # same rows, same mask
-    assert after["loss"] < before["loss"] - 1.0, (before, after)
+    assert after["loss"] < before["loss"] - 0.1, (before, after)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
+from training.data import DataError
 
 # Short names people type for the usual sweep knobs; anything else is a finetune.py option name.
 ALIASES = {"lr": "train.learning_rate", "epochs": "train.num_train_epochs", "steps": "train.max_steps",
@@ -120,8 +121,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(recipe, fixed)
-    heldout_path, heldout = pin_heldout(base_cfg, out, eval_rows)
-    common = {"data.validation_path": str(heldout_path), "export.gguf": False, "export.merge": True,
+    common = {"data.validation_path": str(out / "heldout.jsonl"), "export.gguf": False, "export.merge": True,
               "export.merged_dtype": "float32", "hub.push_to_hub": None, "hub.push_checkpoints": False,
               "train.report_to": "none", "train.eval_steps": 0, "train.resume": False, **(fixed or {})}
     if max_steps is not None:
@@ -135,6 +135,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
     if configs and configs[0].train.max_steps > 0:
         for c in configs:  # one checkpoint at the very end at most
             c.train.save_steps = max(c.train.save_steps, c.train.max_steps)
+    heldout_path, heldout = pin_heldout(base_cfg, out, eval_rows)
     base_overrides = shared_base(base_cfg, out)
     for c in configs:
         apply_overrides(c, base_overrides)
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fixed[ALIASES.get(key, key)] = value
         results = run_sweep(args.config, parse_grid(args.grid), args.out, max_steps=args.max_steps,
                             data_subset=args.data_subset, eval_rows=args.eval_rows, fixed=fixed, keep=args.keep)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(sweep_markdown(results))

@@ -5,13 +5,15 @@ transformers backend on the same GGUF for comparison.
     python benchmarks/bench_app.py [--runs 3] [--max-new-tokens 256] [--threads N] [--no-transformers]
 
 TTFT: request sent → first text received. Decode tokens/s: (tokens - 1) / (last text - first text).
-The app runs in its own process, as on a Space; the client here stands in for the browser. Each run
+The app runs in its own process, as on a Space, and so does raw llama-cpp-python (a worker process of
+this script); the client here stands in for the browser, and raw and app runs alternate. Each run
 starts with a different system prompt, so llama.cpp cannot reuse the previous run's prompt cache.
 Targets (issue 2): app ≥ 0.95 × raw tokens/s, app TTFT ≤ raw TTFT + 50 ms.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -34,36 +36,57 @@ def system_prompt(run: int) -> str:
     return f"Session {run}. You are a helpful assistant."
 
 
-def raw_llama(args) -> list[dict]:
+def load_raw(threads: int | None):
     from llama_cpp import Llama
 
     from chatbot.backends.llama_cpp import extra_buffers
 
-    settings = load_settings({"CHATBOT_THREADS": str(args.threads)} if args.threads else os.environ)
+    settings = load_settings({**os.environ, **({"CHATBOT_THREADS": str(threads)} if threads else {})})
     # Same construction as the backend, including the extra-buffer setting (AMX crashes on some VMs).
     with extra_buffers(settings.llama_repack):
-        llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=settings.n_ctx, n_threads=settings.threads,
-                    n_threads_batch=settings.threads, verbose=False)
-    results = []
-    for run in range(-1, args.runs):  # run -1 warms up (page cache, allocations) and is not reported
-        messages = [{"role": "system", "content": system_prompt(run)}, {"role": "user", "content": PROMPT}]
-        start = time.perf_counter()
-        first = last = None
-        text, tokens = "", 0
-        for chunk in llm.create_chat_completion(messages=messages, stream=True, max_tokens=args.max_new_tokens,
-                                                temperature=0.0):
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                text += piece
-                tokens += 1
-        if run >= 0:
-            results.append(dict(ttft=first - start, tps=(tokens - 1) / (last - first), tokens=tokens, text=text))
-            print(f"raw run {run}: TTFT {first - start:.3f} s, {results[-1]['tps']:.1f} tokens/s", flush=True)
-    del llm
-    return results
+        return Llama(model_path=str(embedded_gguf_path()), n_ctx=settings.n_ctx, n_threads=settings.threads,
+                     n_threads_batch=settings.threads, verbose=False)
+
+
+def raw_run(llm, run: int, max_new_tokens: int) -> dict:
+    messages = [{"role": "system", "content": system_prompt(run)}, {"role": "user", "content": PROMPT}]
+    start = time.perf_counter()
+    first = last = None
+    text, tokens = "", 0
+    for chunk in llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_new_tokens,
+                                            temperature=0.0):
+        piece = chunk["choices"][0]["delta"].get("content")
+        if piece:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text += piece
+            tokens += 1
+    return dict(ttft=first - start, tps=(tokens - 1) / (last - first), tokens=tokens, text=text)
+
+
+def raw_worker(threads: int | None, max_new_tokens: int) -> None:
+    """--raw-worker: one process holding a raw Llama, like app.py holds its backend; a run index per stdin line,
+    one JSON result per stdout line. Both sides in their own process keep the comparison symmetric."""
+    llm = load_raw(threads)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(raw_run(llm, int(line), max_new_tokens)), flush=True)
+
+
+def start_raw(threads: int | None, max_new_tokens: int) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--raw-worker", "--max-new-tokens", str(max_new_tokens)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    worker = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    json.loads(worker.stdout.readline())
+    return worker
+
+
+def ask_raw(worker: subprocess.Popen, run: int) -> dict:
+    worker.stdin.write(f"{run}\n")
+    worker.stdin.flush()
+    return json.loads(worker.stdout.readline())
 
 
 def free_port() -> int:
@@ -72,50 +95,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def through_app(args) -> list[dict]:
+def start_app(threads: int | None, max_new_tokens: int):
+    """python app.py in its own process, as on a Space; returns (process, url) once it answers."""
     from gradio_client import Client
 
     port = free_port()
     env = {**os.environ, "CHATBOT_BACKEND": "llama_cpp", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "CHATBOT_MAX_NEW_TOKENS": str(args.max_new_tokens)}
-    if args.threads:
-        env["CHATBOT_THREADS"] = str(args.threads)
+           "GRADIO_ANALYTICS_ENABLED": "False", "CHATBOT_MAX_NEW_TOKENS": str(max_new_tokens)}
+    if threads:
+        env["CHATBOT_THREADS"] = str(threads)
     env.pop("CHATBOT_MODEL", None)
     server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-                break
-            except Exception:
-                if server.poll() is not None:
-                    sys.exit(f"app.py exited: {server.stderr.read()}")
-                if time.time() > deadline:
-                    sys.exit("app.py did not start within 180 s")
-                time.sleep(0.5)
-        results = []
-        for run in range(-1, args.runs):
-            start = time.perf_counter()
-            job = client.submit(PROMPT, system_prompt(run), 0.0, 0.9, args.max_new_tokens, api_name="/chat")
-            first = last = None
-            text = ""
-            for reply, _stats in job:
-                if reply and reply != text:
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    text = reply
-            if run >= 0:
-                results.append(dict(ttft=first - start, last=last, first=first, text=text))
-                print(f"app run {run}: TTFT {first - start:.3f} s", flush=True)
-            # A new session per run: no chat history carried into the next prompt.
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        return results
-    finally:
-        server.terminate()
-        server.wait(30)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            Client(url, verbose=False)
+            return server, url
+        except Exception:
+            if server.poll() is not None:
+                sys.exit(f"app.py exited: {server.stderr.read()}")
+            if time.time() > deadline:
+                server.terminate()
+                sys.exit("app.py did not start within 180 s")
+            time.sleep(0.5)
+
+
+def app_run(url: str, run: int, max_new_tokens: int) -> dict:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)  # a new session per run: no chat history carried over
+    start = time.perf_counter()
+    job = client.submit(PROMPT, system_prompt(run), 0.0, 0.9, max_new_tokens, api_name="/chat")
+    first = last = None
+    text = ""
+    stats = ""
+    for reply, stats in job:
+        if reply and reply != text:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text = reply
+    return dict(ttft=first - start, first=first, last=last, text=text, stats=stats)
 
 
 def transformers_backend(args) -> list[dict]:
@@ -153,16 +175,35 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="default: CHATBOT_THREADS / CPU_CORES / all")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.raw_worker:
+        return raw_worker(args.threads, args.max_new_tokens)
 
-    raw = raw_llama(args)
-    app = through_app(args)
-    for r, a in zip(raw, app):
-        # Greedy decoding: the app returns the very text raw produced, so it is the same number of tokens.
-        a["tokens"] = r["tokens"]
-        a["tps"] = (r["tokens"] - 1) / (a["last"] - a["first"])
-        if a["text"] != r["text"]:
-            print("warning: the app's reply differs from raw llama-cpp-python's for the same prompt")
+    # Raw and app runs alternate, so both see the same machine load (a shared CI box drifts a lot).
+    server, url = start_app(args.threads, args.max_new_tokens)
+    worker = None
+    try:
+        worker = start_raw(args.threads, args.max_new_tokens)
+        raw, app = [], []
+        for run in range(-1, args.runs):  # run -1 warms both up (page cache, allocations), not reported
+            r, a = ask_raw(worker, run), app_run(url, run, args.max_new_tokens)
+            # Greedy decoding: the app returns the very text raw produced, i.e. the same number of tokens.
+            a["tokens"] = r["tokens"]
+            a["tps"] = (r["tokens"] - 1) / (a["last"] - a["first"])
+            if a["text"] != r["text"]:
+                print("warning: the app's reply differs from raw llama-cpp-python's for the same prompt")
+            if run >= 0:
+                raw.append(r)
+                app.append(a)
+                print(f"run {run}: raw TTFT {r['ttft']:.3f} s {r['tps']:.1f} tok/s | app TTFT {a['ttft']:.3f} s "
+                      f"{a['tps']:.1f} tok/s (server-side: {a['stats']})", flush=True)
+    finally:
+        if worker is not None:
+            worker.stdin.close()
+            worker.wait(30)
+        server.terminate()
+        server.wait(30)
 
     def median(rows, key):
         return statistics.median(row[key] for row in rows)

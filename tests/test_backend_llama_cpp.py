@@ -10,11 +10,14 @@ from chatbot.models import resolve_gguf
 from chatbot.settings import ConfigError, load_settings
 
 GREETING = [{"role": "user", "content": "Hello! How are you?"}]
+# One thread: llama.cpp's threads spin at barriers, so on a shared, oversubscribed CI machine two threads
+# can be 20× slower than one (measured here: 0.5 vs 13 tokens/s under load).
+THREADS = {"CHATBOT_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def smol():
-    return load_backend(load_settings({"CHATBOT_N_CTX": "2048", "CHATBOT_THREADS": "2"}))
+    return load_backend(load_settings({"CHATBOT_N_CTX": "2048", **THREADS}))
 
 
 def test_embedded_model_answers_a_greeting_and_stops_by_itself(smol, smollm2_gguf):
@@ -78,7 +81,7 @@ def test_parallel_callers_are_serialised_and_get_their_own_answers(smol):
 
 
 def test_n_ctx_zero_means_the_trained_length(smollm2_gguf):
-    backend = load_backend(load_settings({"CHATBOT_N_CTX": "0"}))
+    backend = load_backend(load_settings({"CHATBOT_N_CTX": "0", **THREADS}))
     assert backend.n_ctx == int(backend.llm.metadata["llama.context_length"]) > 2048
 
 
@@ -136,7 +139,7 @@ def test_hub_repo_resolves_from_the_offline_cache(tmp_path, smollm2_gguf, monkey
         resolve_gguf("someone/other", "*.gguf")
     # The backend opens what was resolved.
     backend = load_backend(load_settings({"CHATBOT_MODEL": "someone/smol-gguf", "CHATBOT_GGUF_FILE": "*Q8_0*",
-                                          "CHATBOT_N_CTX": "1024"}))
+                                          "CHATBOT_N_CTX": "1024", **THREADS}))
     assert backend.model_name == "smol-Q8_0.gguf"
 
 

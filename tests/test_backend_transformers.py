@@ -13,7 +13,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 
 
 def backend_for(**env):
-    return load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_THREADS": "2", **env}))
+    return load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_THREADS": "1", **env}))
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,12 @@ def main() -> int:
     parser.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", help="keep the checkpoints and GGUFs here (default: a temp dir)")
+    parser.add_argument("--build", nargs=2, metavar=("MODEL", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        name, out = args.build
+        (_smollm2_dir if name == "smollm2" else lambda o: _random_dir(name, o))(Path(out))
+        return 0
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-export-"))
     rows = []
@@ -108,8 +113,10 @@ def main() -> int:
     for name in args.models:
         model_dir = work / name
         if not (model_dir / "config.json").is_file():
+            # Built in a child: a forked child's ru_maxrss starts at the parent's RSS, so this process must
+            # never hold a model itself.
             t0 = time.perf_counter()
-            (_smollm2_dir if name == "smollm2" else lambda out: _random_dir(name, out))(model_dir)
+            subprocess.run([sys.executable, __file__, "--build", name, str(model_dir)], check=True)
             print(f"built {name} in {time.perf_counter() - t0:.0f}s -> {model_dir}", file=sys.stderr)
         fp16 = _fp16_bytes(model_dir)
         for quant in args.quants:

@@ -126,8 +126,12 @@ def select_quants(spec: ModelSpec, quants: Sequence[str], work_dir: Path) -> Non
         for p in export_gguf(spec.hf, work_dir / f"gguf-{spec.name}", missing, progress=False):
             have[quant_label(p)] = p
     elif missing:
-        log(f"{spec.name}: no {', '.join(missing)} GGUF and no HF dir to export one from; skipped")
-    spec.ggufs = [have[q] for q in quants if q in have]
+        log(f"{spec.name}: no {', '.join(missing)} GGUF and no HF dir to export one from")
+    chosen = [have[q] for q in quants if q in have]
+    if chosen or spec.hf:
+        spec.ggufs = chosen
+    else:  # a GGUF-only model (the embedded base) keeps the file it has: there is nothing else to measure
+        log(f"{spec.name}: measuring the GGUF it has: {', '.join(p.name for p in spec.ggufs)}")
 
 
 # ---------------------------------------------------------------- held-out data

@@ -103,11 +103,7 @@ def shared_base(cfg: TrainConfig, out: Path) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(cfg.model)
     prepare_tokenizer(tokenizer, cfg.model.chat_template)
-    base = Path(materialize_gguf_base(cfg.model, out / "base", tokenizer))
-    # Work-around: the converted config.json keeps the GGUF quantization_config, which Trainer refuses to train.
-    config = json.loads((base / "config.json").read_text())
-    if config.pop("quantization_config", None) is not None:
-        (base / "config.json").write_text(json.dumps(config, indent=2))
+    base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
     return {"model.name_or_path": str(base), "model.gguf_file": None}
 
 

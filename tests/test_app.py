@@ -183,3 +183,18 @@ def test_python_app_py_serves_the_mock_backend():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_browser_shaped_history_reaches_the_backend_as_plain_strings():
+    from chatbot.ui import make_respond
+
+    settings = load_settings({"CHATBOT_BACKEND": "mock", "CHATBOT_MOCK_DELAY": "0"})
+    backend = SpyBackend(settings)
+    browser_history = [{"role": "user", "content": [{"type": "text", "text": "first"}], "metadata": None},
+                       {"role": "assistant", "content": [{"type": "text", "text": "reply"}], "metadata": None}]
+    *_, (reply, stats) = make_respond(settings, backend)("second", browser_history, "Sys", 0.5, 0.9, 64)
+    assert backend.calls[-1]["messages"] == [{"role": "system", "content": "Sys"},
+                                             {"role": "user", "content": "first"},
+                                             {"role": "assistant", "content": "reply"},
+                                             {"role": "user", "content": "second"}]
+    assert "messages: 4" in reply and "tokens/s" in stats

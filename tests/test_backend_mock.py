@@ -57,3 +57,14 @@ def test_count_tokens_grows_with_messages():
     one = backend.count_tokens([{"role": "user", "content": "a b c"}])
     two = backend.count_tokens([{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d"}])
     assert 3 < one < two
+
+
+def test_backend_whose_package_is_missing_is_a_config_error(monkeypatch):
+    import chatbot.backends as backends
+
+    def needs_missing_package(settings):
+        import no_such_package_for_tests  # noqa: F401
+
+    monkeypatch.setitem(backends.BACKENDS, "mock", needs_missing_package)
+    with pytest.raises(ConfigError, match=r"^CHATBOT_BACKEND='mock' needs the package 'no_such_package_for_tests'"):
+        load_backend(load_settings({"CHATBOT_BACKEND": "mock"}))

@@ -42,7 +42,13 @@ def load_backend(settings: Settings) -> Backend:
     except KeyError:
         raise ConfigError(f"CHATBOT_BACKEND={settings.backend!r} is not valid; "
                           f"accepted: {', '.join(BACKENDS)}") from None
-    return factory(settings)
+    try:
+        return factory(settings)
+    except ModuleNotFoundError as exc:
+        # e.g. transformers on a Space whose requirements.txt leaves torch out: a set-up choice, not a bug.
+        raise ConfigError(f"CHATBOT_BACKEND={settings.backend!r} needs the package {exc.name!r}, which is not "
+                          f"installed; accepted: a backend whose packages are installed (pip install "
+                          f"{exc.name}, or -r requirements-dev.txt)") from None
 
 
 __all__ = ["BACKENDS", "Backend", "Chunk", "GenerationParams", "load_backend"]

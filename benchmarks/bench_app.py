@@ -9,6 +9,10 @@ The app runs in its own process, as on a Space, and so does raw llama-cpp-python
 this script); the client here stands in for the browser, and raw and app runs alternate. Each run
 starts with a different system prompt, so llama.cpp cannot reuse the previous run's prompt cache.
 Targets (issue 2): app ≥ 0.95 × raw tokens/s, app TTFT ≤ raw TTFT + 50 ms.
+gradio_client (2.7) looks for new server messages every 50 ms when it has none, so the app's TTFT seen
+here carries up to 50 ms of client-side polling that a browser does not add; the per-run "server-side"
+figures are the app's own stats line (backend decode speed and time to first token inside the app).
+On a shared machine use --threads 1: llama.cpp's threads spin at barriers and collapse when oversubscribed.
 """
 from __future__ import annotations
 

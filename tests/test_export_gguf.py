@@ -129,7 +129,8 @@ def tiny_export(request, tmp_path_factory):
     src = request.getfixturevalue("tiny_llama_dir" if request.param == "llama3_rope" else request.param)
     root = tmp_path_factory.mktemp(request.param)
     model_dir = _peaky_copy(src, root / "merged", rope=LLAMA3_ROPE if request.param == "llama3_rope" else None)
-    f16, q8 = export_gguf(model_dir, root / "gguf", ["f16", "q8_0"], {"base_model": "test/tiny"}, progress=False, threads=1)
+    metadata = {"general.base_model": "test/tiny", "datasets": ["a/b", "local.jsonl"], "license": "apache-2.0"}
+    f16, q8 = export_gguf(model_dir, root / "gguf", ["f16", "q8_0"], metadata, progress=False, threads=1)
     return model_dir, f16, q8
 
 
@@ -176,6 +177,9 @@ def test_round_trip_metadata(tiny_export):
     assert int(meta["tokenizer.ggml.eot_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
     assert meta["tokenizer.ggml.add_bos_token"] == "false"  # this tokenizer adds no BOS; llama.cpp must not either
     assert meta["general.base_model.0.name"] == "test/tiny"
+    assert meta["general.base_model.0.repo_url"] == "https://huggingface.co/test/tiny"
+    assert (meta["general.dataset.0.name"], meta["general.dataset.1.name"]) == ("a/b", "local.jsonl")
+    assert meta["general.license"] == "apache-2.0"
     if cfg.rope_parameters.get("rope_type") == "llama3":
         from gguf import GGUFReader
 

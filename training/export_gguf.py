@@ -178,7 +178,8 @@ def _add_hparams(writer, config: dict, n_vocab: int) -> None:
 
 def _add_provenance(writer, model_dir: Path, name: str, metadata: dict | None) -> None:
     """general.* keys: what the model is and where it came from (base model, adapter, data sets)."""
-    meta = dict(metadata or {})
+    # "base_model" and "general.base_model" both accepted: callers think in GGUF key names or plain ones.
+    meta = {str(k).removeprefix("general."): v for k, v in (metadata or {}).items()}
     writer.add_type("model")
     writer.add_name(str(meta.pop("name", None) or name))
     base = meta.pop("base_model", None)
@@ -551,7 +552,8 @@ def export_gguf(model_dir, out_dir, quants: Sequence[str] = ("q4_k_m",), metadat
                 name: str = "model", threads: int | None = None, progress: bool = True) -> list[Path]:
     """Export a merged HF checkpoint dir to `<out_dir>/<name>-<quant>.gguf`, one file per quant.
 
-    metadata: provenance written into general.* keys: base_model, adapter, datasets (+ any other str keys).
+    metadata: provenance written into general.* keys: name, base_model, adapter, datasets (+ any other
+    key as general.<key>; a leading "general." is accepted).
     Float types are written directly; the rest are quantised by llama.cpp from an f16 file, which is kept
     only when "f16" is among `quants`. Returns the written paths in the order of `quants`.
     """

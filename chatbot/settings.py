@@ -34,7 +34,7 @@ class Settings:
     top_p: float = 0.9
     seed: int | None = None
     n_ctx: int = 4096                    # 0 = the model's full trained length
-    threads: int = 2
+    threads: int = 1                     # load_settings: CPU_CORES, else half the logical CPUs
     max_input_chars: int = 8000
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openai_api_key: str = field(default="sk-no-key-required", repr=False)
@@ -89,8 +89,13 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def default_threads(env: Mapping[str, str]) -> int:
-    """CPU_CORES (set by Hugging Face Spaces to the vCPUs the Space really has), else os.cpu_count()."""
-    return _number(env, "CPU_CORES", int, os.cpu_count() or 1, lo=1)
+    """CPU_CORES (set by Hugging Face Spaces to the vCPUs the Space really has), else half the logical CPUs.
+
+    Half is llama-cpp-python's own default (physical cores on SMT machines). More threads than free cores is
+    far worse than fewer: llama.cpp's threads spin at barriers, and on a busy 2-core box 2 threads ran
+    20× slower than 1.
+    """
+    return _number(env, "CPU_CORES", int, max(1, (os.cpu_count() or 1) // 2), lo=1)
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:

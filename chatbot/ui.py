@@ -147,13 +147,16 @@ def build_app(settings: Settings, backend: Backend):
             title=f"Chat with {backend.model_name}",
             description=f"Backend `{backend.name}` · context {backend.n_ctx} tokens · replies stream as they "
                         "are generated; the stop button ends generation at once.",
+            # render=False: created inside the outer Blocks they would render above the chat instead of
+            # inside ChatInterface's folded accordion.
             additional_inputs=[
-                gr.Textbox(settings.system_prompt, label="System prompt", lines=2),
-                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature"),
-                gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
-                gr.Slider(1, slider_max, value=settings.max_new_tokens, step=1, label="Max new tokens"),
+                gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False),
+                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature", render=False),
+                gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p", render=False),
+                gr.Slider(1, slider_max, value=settings.max_new_tokens, step=1, label="Max new tokens",
+                          render=False),
             ],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[stats],
             examples=[[e] for e in EXAMPLES],
             cache_examples=False,  # caching would run the model at start-up, before anyone asks

@@ -112,7 +112,9 @@ def test_compare_transformers_dir_and_gguf_writes_table_json_plot(tiny_run, tiny
     for r in (base, q8):
         assert r["answers"] == 2 and 0 < r["mean_new_tokens"] <= 8
         assert r["ttft_s"] > 0 and r["decode_tps"] > 0 and r["peak_rss_mib"] > 50
-    assert base["peak_rss_mib"] != q8["peak_rss_mib"]  # measured per process, not one shared figure
+    # per process: llama.cpp serving a tiny GGUF needs far less than torch + transformers, and neither inherits
+    # the peak of this test process
+    assert q8["peak_rss_mib"] < base["peak_rss_mib"]
     assert len(results["answers"]["tuned/q8_0"]) == 2
 
     on_disk = json.loads((out / "results.json").read_text())
@@ -134,6 +136,7 @@ def test_generation_metrics_and_distinct_n():
     assert distinct_n("the cat the cat the cat", 1) == pytest.approx(2 / 6)
     assert distinct_n("the cat the cat the cat", 2) == pytest.approx(2 / 5)
     assert distinct_n("one", 2) is None
+    assert distinct_n("Lazy-Lazy-Lazy-Lazy", 1) == pytest.approx(2 / 7)  # a loop inside one hyphenated 'word'
     m = generation_metrics([{"text": "a b c d", "finish_reason": "stop", "tokens": 4},
                             {"text": "x x x x", "finish_reason": "length", "tokens": 8}])
     assert m["stop_rate"] == 0.5 and m["mean_new_tokens"] == 6

@@ -273,8 +273,9 @@ def heldout_loss(model, tokenizer, conversations: Sequence[dict], max_length: in
 # ---------------------------------------------------------------- generation checks
 
 def distinct_n(text: str, n: int) -> float | None:
-    """Unique word n-grams / all word n-grams of one answer (1.0 = no repetition); None when it is too short."""
-    words = text.lower().split()
+    """Unique n-grams / all n-grams of one answer's words and punctuation marks (1.0 = no repetition; a loop like
+    "Lazy-Lazy-Lazy" counts as the repetition it is); None when the answer is too short."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
     grams = [tuple(words[k:k + n]) for k in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else None
 
@@ -293,6 +294,18 @@ def generation_metrics(answers: Sequence[dict]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- serving cost (one fresh process per model)
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process since its exec (VmHWM). ru_maxrss would not do: Linux carries it over from the
+    parent across fork+exec, so a child of a big evaluate.py process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
 
 def _serve_worker(job: dict) -> dict:
     """Runs in its own process: load the model with the Space's backend code, answer every prompt, time it."""
@@ -331,7 +344,7 @@ def _serve_worker(job: dict) -> dict:
     return {"answers": answers, "load_s": load_s,
             "ttft_s": statistics.median(ttfts) if ttfts else None,
             "decode_tps": decode_tokens / decode_s if decode_s else None,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def measure_serving(backend: str, model: str, prompts: list[list[dict]], *, max_new_tokens: int = 200,
@@ -511,8 +524,8 @@ def results_markdown(results: dict) -> str:
     data = results.get("data") or {}
     lines += ["", f"Held-out: {data.get('rows')} conversations ({data.get('source')}); loss = mean NLL per assistant "
               "token (the training mask), ppl = exp(loss). Speed: the Space's backend on "
-              f"{(results.get('generation') or {}).get('threads')} threads, median TTFT, tokens after the first / "
-              "their time."]
+              f"{(results.get('generation') or {}).get('threads')} CPU thread(s), median time to first token, decode "
+              "tok/s = tokens after the first / their time; peak RSS of a fresh process serving that file alone."]
     best = {}
     for r in rows:
         if r.get("loss") is not None:

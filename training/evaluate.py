@@ -559,6 +559,11 @@ def plot_quality_vs_speed(results: dict, path: Path) -> Path:
             ax.scatter(r["decode_tps"], y, s=40)
             ax.annotate(f"{r['model']}/{r['variant']}", (r["decode_tps"], y), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
+        unserved = [r for r in results["rows"] if r.get("loss") is not None and not r.get("decode_tps")]
+        for r in unserved:  # e.g. the merged HF model: its quality as a reference line for its GGUFs
+            ax.axhline(r["loss"], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(f"{r['model']}/{r['variant']} (not served)", (0, r["loss"]), xycoords=("axes fraction", "data"),
+                        xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
         ax.set_xlabel("decode tokens/s (CPU, the Space's backend)")
     else:  # no serving figures: the losses alone
         losses = [(f"{r['model']}/{r['variant']}", y) for r, y in points if y is not None]

@@ -192,7 +192,8 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
 
 def sweep_markdown(results: dict) -> str:
     keys = [k for k, _ in results["grid"]]
-    head = ["rank", *keys, "held-out loss", "ppl", "trainer eval loss", "final train loss", "tokens/s", "wall s"]
+    short = {v: k for k, v in ALIASES.items()}
+    head = ["rank", *[short.get(k, k) for k in keys], "held-out loss", "ppl", "trainer eval loss", "final train loss", "tokens/s", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     f = lambda v, fmt: fmt.format(v) if isinstance(v, (int, float)) else "-"  # noqa: E731
     order = sorted(results["runs"], key=lambda r: r.get("rank", 10**9))

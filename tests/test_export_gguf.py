@@ -38,23 +38,17 @@ def _one_torch_thread():
 
 
 @pytest.fixture(autouse=True)
-def _no_extra_cpu_buffers(monkeypatch):
-    """Load GGUFs without llama.cpp's extra CPU buffer types (AMX tiles / repacked weights).
+def _no_extra_cpu_buffers():
+    """Load GGUFs without llama.cpp's extra CPU buffer types (AMX tiles / repacked weights), as the Space does.
 
     They are a load-time speed-up, not part of the file under test; and a llama-cpp-python built with
     GGML_NATIVE on a VM that advertises AMX without enabling it faults at `ldtilecfg` on the first
     quantised matmul (seen on the dev box, for the embedded Q4_1 model too).
     """
-    import llama_cpp.llama_cpp as capi
+    from chatbot.backends.llama_cpp import extra_buffers
 
-    default = capi.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(capi, "llama_model_default_params", params)
+    with extra_buffers(False):
+        yield
 
 
 def _llama(path: Path, **kw):

@@ -28,20 +28,14 @@ TARGET_RATIO = 1.5
 def _smollm2_dir(out: Path) -> Path:
     """SmolLM2-135M-Instruct from the embedded GGUF, as a bf16 safetensors checkpoint (like a merged fine-tune)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from chatbot.models import embedded_gguf_path
+    from training.modeling import load_gguf_model
 
     gguf = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.to(torch.bfloat16).save_pretrained(out)
+    load_gguf_model(gguf.parent, gguf.name).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

@@ -258,20 +258,13 @@ def test_tokenizer_parity_sentencepiece(tmp_path, keep_model_file):
 @pytest.fixture(scope="module")
 def smollm2_export(smollm2_gguf, smollm2_tokenizer_dir, tmp_path_factory):
     """SmolLM2-135M-Instruct dequantised into transformers, saved as a merged dir, re-exported at f16."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from training.modeling import load_gguf_model
 
     root = tmp_path_factory.mktemp("smollm2")
-    loaded = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                  dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain one from the
-    # config and the dequantised state dict, as a fine-tune's merged model would be.
-    config = loaded.config
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    del loaded
+    # The same plain fp32 rebuild the CPU recipe trains on (a GGUF-loaded model refuses save_pretrained).
+    model = load_gguf_model(smollm2_gguf.parent, smollm2_gguf.name)
     model.save_pretrained(root / "merged")
     AutoTokenizer.from_pretrained(smollm2_tokenizer_dir).save_pretrained(root / "merged")
     (path,) = export_gguf(root / "merged", root / "gguf", ["f16"],

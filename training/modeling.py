@@ -35,28 +35,34 @@ def load_tokenizer(model: ModelConfig):
     return AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=model.trust_remote_code)
 
 
-def materialize_gguf_base(model: ModelConfig, out_dir: Path, tokenizer) -> str:
-    """A GGUF base as an HF checkpoint dir (fp32, reused if already there); other bases are returned unchanged.
+def load_gguf_model(source: str | Path, gguf_file: str):
+    """A GGUF model dequantised into transformers (fp32) as a plain model that trains and saves normally.
 
-    `save_pretrained` refuses a GGUF-loaded model, so a fresh model is built from its config and given the
-    dequantised state dict.
+    `save_pretrained` (and Trainer) refuse a GGUF-loaded model, so a fresh model is built from its config,
+    without the GGUF quantization marker, and given the dequantised state dict.
     """
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=False)
+    fresh.tie_weights()
+    return fresh
+
+
+def materialize_gguf_base(model: ModelConfig, out_dir: Path, tokenizer) -> str:
+    """A GGUF base as an HF checkpoint dir (fp32, reused if already there); other bases are returned unchanged."""
     source, gguf = resolve_base(model)
     if not gguf:
         return source
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return str(out_dir)
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-    config = copy.deepcopy(loaded.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):  # it is plain fp32 now, trainable and savable
-        if hasattr(config, attr):
-            delattr(config, attr)
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=False)
-    fresh.tie_weights()
+    fresh = load_gguf_model(source, gguf)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fresh.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

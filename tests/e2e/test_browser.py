@@ -150,9 +150,10 @@ def test_system_prompt_in_settings_takes_effect(mock_app, page, artifacts):
     system_box = page.get_by_label("System prompt")
     assert not system_box.is_visible(), "the settings should start folded away in their accordion"
     page.locator("button.label-wrap", has_text="Settings").click()
+    # Gradio renders an accordion's content after the click: wait for it before asking where the box sits.
+    system_box.wait_for(state="visible")
     accordion = page.locator('[data-testid="accordion-content"]', has=page.get_by_label("System prompt"))
     assert accordion.count() == 1, "the System prompt box is not inside the Settings accordion"
-    system_box.wait_for(state="visible")
     system_box.fill("You are a pirate. Answer in rhymes.")
     send(page, "Who are you?")
     final = watch_reply(page)[-1]

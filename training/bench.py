@@ -125,7 +125,7 @@ def _naive_model(ckpt: str, cfg, mode: str):
         m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.model.gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
     lora = cfg.lora
     return get_peft_model(m, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -120,7 +120,7 @@ def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mo
     # lm_head, norms) to fp32, which doubles their memory and makes the logits fp32 - the bulk of naive QLoRA's
     # VRAM. Under bf16 autocast the bf16 weights train as well; LoRA weights stay fp32 (peft's adapter autocast).
     if model.gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph under checkpointing
     target = lora.target_modules
     peft_cfg = LoraConfig(

@@ -8,13 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 SHAPES: dict[str, dict[str, Any]] = {
-    # Tests: a few MB, still Llama / Qwen2 architecture end to end.
+    # Tests: a few MB, still the real architecture end to end.
     "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
     "tiny-qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # Tests of the GPT-Neo and DialoGPT (GPT-2) recipes: base models with no chat template.
+    "tiny-gpt-neo": dict(model_type="gpt_neo", hidden_size=64, num_layers=2, num_heads=4,
+                         attention_types=[[["global", "local"], 1]], window_size=64, max_position_embeddings=2048),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
     # Benchmarks: the real models' shapes.
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -147,6 +147,48 @@ def test_merged_model_matches_adapter_and_generates(tiny_run, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_space_serves_the_run_with_the_training_prompt_from_gguf_and_merged(tiny_run):
+    """The contract between the halves, through the Space's own settings and backends: the run's GGUF (written by
+    finetune's export step) on llama_cpp and its merged dir on transformers are fed exactly the prompt ids the
+    reply was trained behind, and both decode the same greedy reply."""
+    from transformers import AutoTokenizer
+
+    from chatbot.backends import GenerationParams, load_backend
+    from chatbot.backends.llama_cpp import extra_buffers
+    from chatbot.settings import load_settings
+    from training.chat_format import IGNORE_INDEX, encode_conversation
+    from training.finetune import export_gguf_step
+
+    cfg, _, out = tiny_run
+    (gguf,) = export_gguf_step(apply_overrides(cfg, {"export.gguf": True, "export.gguf_quants": ["f16"]}),
+                               out / "merged", out)
+    with extra_buffers(False):
+        gguf_backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"),
+                                                   "CHATBOT_GGUF_FILE": gguf.name, "CHATBOT_THREADS": "1"}))
+    hf_backend = load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_MODEL": str(out / "merged"),
+                                             "CHATBOT_THREADS": "1"}))
+    fed: list[list[int]] = []
+    complete = gguf_backend.llm.create_completion
+
+    def recording(prompt, **kwargs):  # what create_chat_completion hands llama.cpp after rendering the template
+        fed.append(list(prompt))
+        return complete(prompt, **kwargs)
+
+    gguf_backend.llm.create_completion = recording
+    trained_tok = AutoTokenizer.from_pretrained(out / "merged")
+    greedy = GenerationParams(max_new_tokens=12, temperature=0.0)
+    for row in _rows(3):
+        conv = [{"role": "system", "content": "Be brief."}] + row["messages"]
+        ex = encode_conversation(trained_tok, conv, max_length=128)
+        trained_prompt = ex["input_ids"][:next(i for i, label in enumerate(ex["labels"]) if label != IGNORE_INDEX)]
+        from_gguf = "".join(c.text for c in gguf_backend.stream(conv[:-1], greedy))
+        assert fed[-1] == trained_prompt, "llama.cpp was fed a different prompt than training used"
+        assert list(hf_backend._encode(conv[:-1], return_dict=False)) == trained_prompt
+        from_merged = "".join(c.text for c in hf_backend.stream(conv[:-1], greedy))
+        assert from_gguf and from_gguf == from_merged
+
+
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     import torch
     from safetensors.torch import load_file

@@ -3,6 +3,7 @@ resume reproduces an uninterrupted run, the model card and upload plan are right
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,35 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in full["train_loss"]],
                                                                         rel=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_as_one_ddp_run(tmp_path, tiny_model_dir):
+    """`torchrun --nproc_per_node 2 training/finetune.py` (gloo on CPU): both ranks train their own shards of each
+    batch, rank 0 alone writes the outputs. 4 steps x 4 rows x 2 ranks = the 16 rows twice over; two independent
+    single-process runs would each have seen them once."""
+    from transformers import AutoTokenizer
+
+    from training.chat_format import encode_conversation
+    from training.config import save_config
+
+    cfg = _cfg(tmp_path, tiny_model_dir, "ddp", **{"train.max_steps": 4, "train.save_steps": 2,
+                                                  "train.eval_steps": 2, "train.learning_rate": 2e-3})
+    recipe = save_config(cfg, tmp_path / "recipe.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "training" / "finetune.py"), "--config", str(recipe)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = Path(cfg.train.output_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    real = sum(len(encode_conversation(tok, r["messages"], 128)["input_ids"]) for r in _rows(16))
+    assert summary["tokens_trained"] == 2 * real
+    for rel in ("adapter/adapter_model.safetensors", "merged/config.json", "checkpoint-4", "loss.png", "README.md"):
+        assert (out / rel).exists(), rel
+    assert summary["final_eval_loss"] is not None
 
 
 def test_model_card_and_upload_plan(tmp_path, monkeypatch):

@@ -127,6 +127,7 @@ def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
         include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),  # also makes torchrun on CPU a real (gloo) DDP run, as in tests
     )
 
 
@@ -244,12 +245,14 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     # 1. Tokenizer with a chat template and pad != eos (so EOS stays a trained label).
     tokenizer = load_tokenizer(cfg.model)
     new_token_ids = prepare_tokenizer(tokenizer, cfg.model.chat_template)
-    with PartialState().main_process_first():  # under DDP rank 0 writes OUT/base, the others then read it
+    # The same process group Trainer will use (gloo on CPU, where a bare PartialState() sees one process).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():  # under DDP rank 0 writes OUT/base, the others then read it
         base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
 
     # 2. Data: normalised messages, cleaned, mixed and split by training.data; then masked tensors.
     data = prepare_data(cfg.data, tokenizer=tokenizer, log=log)
-    if PartialState().is_main_process:
+    if state.is_main_process:
         data.report.write(out)  # prepare_data has logged its summary
     train_rows, train_drop = tokenize_rows(data.train, tokenizer, cfg.train.max_length)
     eval_rows, eval_drop = tokenize_rows(data.validation, tokenizer, cfg.train.max_length)
@@ -286,6 +289,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     if eval_rows and final_eval.get("step") != trainer.state.global_step:
         final_eval = trainer.evaluate()  # the last periodic eval was before the final step
     history = list(trainer.state.log_history)  # restored from the checkpoint on resume: the whole run's curve
+    trainer_world_size = trainer.args.world_size
     if not trainer.is_world_process_zero():
         return {}
 
@@ -319,6 +323,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "mode": mode,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "resumed_from": Path(resume_from).name if resume_from else None,
+        "processes": trainer_world_size,
         "gguf_files": [f.name for f in gguf_files],
         "config": config_to_dict(cfg),
     }

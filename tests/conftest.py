@@ -51,3 +51,9 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir):
 def tiny_qwen2_dir(tmp_path_factory, smollm2_tokenizer_dir):
     """An HF checkpoint dir: Qwen2 architecture, random weights, SmolLM2's tokenizer and chat template."""
     return _tiny_model_dir(tmp_path_factory, "tiny-qwen2", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """An HF checkpoint dir: GPT-2 architecture (DialoGPT's), random weights, SmolLM2's tokenizer and template."""
+    return _tiny_model_dir(tmp_path_factory, "tiny-gpt2", smollm2_tokenizer_dir)

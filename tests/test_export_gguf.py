@@ -100,12 +100,16 @@ def _peaky_copy(src: Path, dst: Path, seed: int = 0, rope: dict | None = None) -
         config.rope_parameters = {**config.rope_parameters, **rope}
     model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
+    gpt2 = config.model_type == "gpt2"
     with torch.no_grad():
-        model.model.norm.weight.mul_(16.0)
+        (model.transformer.ln_f if gpt2 else model.model.norm).weight.mul_(16.0)
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(8.0)
-            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            elif name.endswith("c_attn.weight"):  # GPT-2's fused Conv1D (in, 3 x hidden): the q and k columns
+                p[:, :2 * p.shape[0]].mul_(8.0)
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) or \
+                    (gpt2 and name.endswith(".bias") and ".ln_" not in name):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
@@ -117,9 +121,9 @@ LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_fre
                    original_max_position_embeddings=16)
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir", "llama3_rope"])
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir", "llama3_rope", "tiny_gpt2_dir"])
 def tiny_export(request, tmp_path_factory):
-    """(hf model dir, f16 gguf, q8_0 gguf) for a tiny Llama, a tiny Qwen2 and a tiny Llama with llama3 rope."""
+    """(hf model dir, f16 gguf, q8_0 gguf) for a tiny Llama, Qwen2, Llama with llama3 rope and GPT-2 (DialoGPT)."""
     src = request.getfixturevalue("tiny_llama_dir" if request.param == "llama3_rope" else request.param)
     root = tmp_path_factory.mktemp(request.param)
     model_dir = _peaky_copy(src, root / "merged", rope=LLAMA3_ROPE if request.param == "llama3_rope" else None)
@@ -161,11 +165,15 @@ def test_round_trip_metadata(tiny_export):
     meta = llama_cpp.Llama(model_path=str(f16), vocab_only=True, verbose=False).metadata  # scalar keys, as str
 
     arch = meta["general.architecture"]
-    assert arch == {"llama": "llama", "qwen2": "qwen2"}[cfg.model_type]
+    assert arch == {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}[cfg.model_type]
     assert int(meta[f"{arch}.context_length"]) == cfg.max_position_embeddings
-    assert int(meta[f"{arch}.attention.head_count_kv"]) == cfg.num_key_value_heads
-    assert float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]) == pytest.approx(cfg.rms_norm_eps)
-    assert float(meta[f"{arch}.rope.freq_base"]) == cfg.rope_parameters["rope_theta"]
+    if arch == "gpt2":  # LayerNorm and learned positions
+        assert float(meta["gpt2.attention.layer_norm_epsilon"]) == pytest.approx(cfg.layer_norm_epsilon)
+        assert int(meta["gpt2.feed_forward_length"]) == 4 * cfg.hidden_size
+    else:
+        assert int(meta[f"{arch}.attention.head_count_kv"]) == cfg.num_key_value_heads
+        assert float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]) == pytest.approx(cfg.rms_norm_eps)
+        assert float(meta[f"{arch}.rope.freq_base"]) == cfg.rope_parameters["rope_theta"]
     assert meta["tokenizer.chat_template"] == tok.chat_template
     assert int(meta["tokenizer.ggml.eos_token_id"]) == tok.eos_token_id
     assert int(meta["tokenizer.ggml.eot_token_id"]) == tok.convert_tokens_to_ids("<|im_end|>")
@@ -174,7 +182,7 @@ def test_round_trip_metadata(tiny_export):
     assert meta["general.base_model.0.repo_url"] == "https://huggingface.co/test/tiny"
     assert (meta["general.dataset.0.name"], meta["general.dataset.1.name"]) == ("a/b", "local.jsonl")
     assert meta["general.license"] == "apache-2.0"
-    if cfg.rope_parameters.get("rope_type") == "llama3":
+    if arch != "gpt2" and cfg.rope_parameters.get("rope_type") == "llama3":
         from gguf import GGUFReader
 
         assert "rope_freqs.weight" in {t.name for t in GGUFReader(f16).tensors}
@@ -340,6 +348,7 @@ def test_bad_input_unsupported_architecture(tiny_llama_dir, tmp_path):
     d = _copy(tiny_llama_dir, tmp_path / "m", lambda n: True)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"]}))
+    # GPT-Neo has no llama.cpp architecture at all: it is served by the transformers backend.
     with pytest.raises(ExportError, match="'gpt_neo'.*CHATBOT_BACKEND=transformers"):
         export_gguf(d, tmp_path / "out")
 

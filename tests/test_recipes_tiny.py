@@ -47,9 +47,9 @@ def _friends_corpus(tmp_path: Path, rng: random.Random) -> list[Path]:
     return [tmp_path / "friends-corpus"]
 
 
-RECIPES = {  # recipe -> (tiny shape of the same architecture, data written in the recipe's formats)
-    "gpt-neo-1.3b-guanaco": ("tiny-gpt-neo", _guanaco_sources),
-    "dialogpt-friends": ("tiny-gpt2", _friends_corpus),
+RECIPES = {  # recipe -> (tiny shape of the same architecture, data in the recipe's formats, GGUF export expected)
+    "gpt-neo-1.3b-guanaco": ("tiny-gpt-neo", _guanaco_sources, False),  # llama.cpp has no GPT-Neo
+    "dialogpt-friends": ("tiny-gpt2", _friends_corpus, True),
 }
 
 
@@ -80,7 +80,7 @@ def test_recipe_runs_on_its_architecture_and_serves_with_the_training_prompt(rec
     from training.finetune import run
     from training.shapes import build_tiny_checkpoint
 
-    shape, write_data = RECIPES[recipe]
+    shape, write_data, exports_gguf = RECIPES[recipe]
     rng = random.Random(0)
     sources = write_data(tmp_path / "data", rng)
     tok = _byte_level_tokenizer([_sentence(random.Random(s), 40) for s in range(50)] + [" ".join(SPEAKERS)])
@@ -107,10 +107,14 @@ def test_recipe_runs_on_its_architecture_and_serves_with_the_training_prompt(rec
         assert any(f".{name}.lora_A" in k for k in adapter), f"{recipe}: no LoRA on {name}"
     assert any("trainable_tokens" in k or "token_adapter" in k for k in adapter), "ChatML rows not trained"
 
-    # Neither architecture has a GGUF converter here: the run says why (captured log) and still delivers the
-    # merged model, which the transformers backend serves.
-    assert summary["gguf_files"] == [] and cfg.export.gguf
-    assert "[finetune] GGUF export skipped" in capsys.readouterr().out
+    # GPT-2 (DialoGPT) exports to the recipe's GGUF; GPT-Neo cannot, and the run says why (captured log) and
+    # still delivers the merged model, which the transformers backend serves.
+    assert cfg.export.gguf and cfg.export.gguf_quants == ["q4_k_m"]
+    if exports_gguf:
+        assert summary["gguf_files"] == ["model-q4_k_m.gguf"], summary["gguf_files"]
+    else:
+        assert summary["gguf_files"] == []
+        assert "[finetune] GGUF export skipped" in capsys.readouterr().out
 
     trained = AutoTokenizer.from_pretrained(out / "merged")
     assert trained.eos_token == "<|im_end|>"
@@ -124,3 +128,17 @@ def test_recipe_runs_on_its_architecture_and_serves_with_the_training_prompt(rec
                                                "<|im_start|>assistant\n"
     chunks = list(backend.stream(conv[:1], GenerationParams(max_new_tokens=4, temperature=0.0)))
     assert chunks and chunks[-1].finish_reason in ("stop", "length")
+    if not exports_gguf:
+        return
+
+    # The Space's default backend on the export: llama.cpp renders the GGUF's template into the trained prompt.
+    from chatbot.backends.llama_cpp import extra_buffers
+
+    with extra_buffers(False):
+        gguf_backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"), "CHATBOT_THREADS": "1",
+                                                   "CHATBOT_GGUF_FILE": "*q4_k_m.gguf"}))
+    fed = []
+    complete = gguf_backend.llm.create_completion
+    gguf_backend.llm.create_completion = lambda prompt, **kw: fed.append(list(prompt)) or complete(prompt, **kw)
+    chunks = list(gguf_backend.stream(conv[:1], GenerationParams(max_new_tokens=4, temperature=0.0)))
+    assert fed == [served] and chunks[-1].finish_reason in ("stop", "length")

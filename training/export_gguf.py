@@ -4,8 +4,9 @@
 
 The `gguf` package does the file format, tensor names and merges; llama-cpp-python's `llama_model_quantize`
 does the quantisation, so nothing is cloned, compiled or downloaded. Written by hand here is only what no
-library gives: the per-architecture tensor tweaks (Llama's q/k rope permutation, llama3 rope factors), the
-tokenizer -> GGUF vocab, and the metadata that makes llama.cpp format prompts and stop like the HF model.
+library gives: the per-architecture tensor tweaks (Llama's q/k rope permutation, llama3 rope factors, GPT-2's
+Conv1D transposes), the tokenizer -> GGUF vocab, and the metadata that makes llama.cpp format prompts and stop
+like the HF model.
 """
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ if __package__ in (None, ""):
 
 log = logging.getLogger(__name__)
 
-# HF model_type -> gguf MODEL_ARCH member name. Mistral and TinyLlama are Llama to llama.cpp.
-ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+# HF model_type -> gguf MODEL_ARCH member name. Mistral and TinyLlama are Llama to llama.cpp; DialoGPT is GPT-2.
+ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "gpt2": "GPT2"}
+# GPT-2's config.json keys under the names the rest of this file reads (transformers maps them the same way).
+_GPT2_KEYS = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+              "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+# GPT-2 stores these as Conv1D weights, (in, out): llama.cpp wants (out, in) like every nn.Linear.
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Written by the Python writer itself; everything else is quantised from the f16 file by llama.cpp.
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama.cpp quantisation types that need no importance matrix (IQ* types do, so they are not offered).
@@ -90,6 +96,10 @@ def _check_inputs(model_dir: Path, quants: Sequence[str]) -> tuple[dict, list[st
                           "(config.json, *.safetensors, tokenizer files)")
     config = json.loads((model_dir / "config.json").read_text())
     config = {**config.get("text_config", {}), **config}
+    if config.get("model_type") == "gpt2":
+        config.update({new: config[old] for old, new in _GPT2_KEYS.items() if config.get(old) is not None})
+        config.setdefault("intermediate_size", 4 * config["hidden_size"])
+        config.setdefault("tie_word_embeddings", True)  # GPT-2's default, often left out of config.json
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ExportError(
@@ -152,9 +162,12 @@ def _add_hparams(writer, config: dict, n_vocab: int) -> None:
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(config["num_attention_heads"])
+    writer.add_vocab_size(n_vocab)
+    if config["model_type"] == "gpt2":  # learned absolute positions and LayerNorm: no rope, no RMS norm
+        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+        return
     writer.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(n_vocab)
     head_dim = _head_dim(config)
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config["hidden_size"] // config["num_attention_heads"]:
@@ -419,14 +432,20 @@ def _tensor_plan(model_dir: Path, config: dict, arch) -> list[tuple[str, Path, s
     for path in _weight_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for hf_name in f.keys():
-                if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-                    continue  # recomputed by llama.cpp / the same matrix as the embedding
+                if hf_name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")) or \
+                        (tied and hf_name == "lm_head.weight"):
+                    continue  # recomputed by llama.cpp (rope, GPT-2's causal mask) / the same matrix as the embedding
                 gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise ExportError(f"tensor {hf_name!r} in {path.name} has no GGUF name for "
                                       f"{config['model_type']}; serve this model with CHATBOT_BACKEND=transformers")
-                plan.append((gguf_name, path, hf_name, tuple(f.get_slice(hf_name).get_shape())))
+                shape = tuple(f.get_slice(hf_name).get_shape())
+                plan.append((gguf_name, path, hf_name, shape[::-1] if _is_conv1d(config, hf_name) else shape))
     return plan
+
+
+def _is_conv1d(config: dict, hf_name: str) -> bool:
+    return config["model_type"] == "gpt2" and hf_name.endswith(_CONV1D)
 
 
 def _write_float_gguf(model_dir: Path, config: dict, path: Path, ftype: str, name: str, metadata: dict | None,
@@ -465,6 +484,8 @@ def _write_float_gguf(model_dir: Path, config: dict, path: Path, ftype: str, nam
                 t = _permute_qk(t, n_head)
             elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 t = _permute_qk(t, n_kv)
+            elif _is_conv1d(config, hf_name):
+                t = t.T
             arr = _to_numpy(t, ftype if t.ndim > 1 else "f32")
             if bar is not None:
                 bar.set_postfix_str(gguf_name, refresh=False)

@@ -1,4 +1,4 @@
-"""training/data.py: every input shape from fixture rows (malformed ones included, exact counts), the data-centric
+"""training/data/: every input shape from fixture rows (malformed ones included, exact counts), the data-centric
 filters, mixing, the split, the report, and the shipped sample. CPU, no network."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from training import data as D
 from training.data import DataConfig, DataError, SourceConfig, prepare_data
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "training" / "data" / "sample.jsonl"
+SAMPLE = REPO / "training" / "samples" / "sample.jsonl"
 
 
 def U(text):
@@ -482,7 +482,7 @@ def test_report_summary_json_and_plot(tmp_path):
 def test_shipped_sample_loads_cleanly_and_matches_its_generator(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_sample", REPO / "training" / "data" / "make_sample.py")
+    spec = importlib.util.spec_from_file_location("make_sample", REPO / "training" / "samples" / "make_sample.py")
     make_sample = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_sample)
 
@@ -504,7 +504,7 @@ def test_shipped_sample_loads_cleanly_and_matches_its_generator(tmp_path):
 
 
 def test_example_files_for_each_format():
-    folder = REPO / "training" / "data" / "examples"
+    folder = REPO / "training" / "samples" / "examples"
     expect = {"sharegpt.jsonl": ("sharegpt", 3), "alpaca.json": ("alpaca", 2), "openorca.csv": ("openorca", 2),
               "guanaco.jsonl": ("guanaco", 2), "dialogue.jsonl": ("dialogue", 8)}
     for name, (fmt, valid) in expect.items():
@@ -556,7 +556,7 @@ def test_cli_prints_the_summary_and_writes_the_report(tmp_path, capsys):
 
 def test_repo_relative_paths_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rep = prep("training/data/examples/alpaca.json").report.sources[0]
+    rep = prep("training/samples/examples/alpaca.json").report.sources[0]
     assert (rep.name, rep.valid) == ("alpaca.json", 2)
     with pytest.raises(DataError, match=r"data.sources\[0\]: .*path"):
         D.data_config_from_dict({"sources": [{"weight": 2}]})

@@ -8,7 +8,7 @@ OUT/gguf/*.gguf for serving), an HF model dir or Hub id, or a .gguf file. For ea
 
 * held-out loss and perplexity on assistant tokens only, masked by training.chat_format exactly as in training:
   perplexity = exp(total NLL of the masked tokens / number of masked tokens), pooled over all held-out rows;
-* generation checks on a fixed prompt set (training/data/eval_prompts.jsonl): share of answers that stop by
+* generation checks on a fixed prompt set (training/samples/eval_prompts.jsonl): share of answers that stop by
   themselves, mean length, distinct-1/2 (repetition), and optionally a pairwise judge (off by default);
 * CPU serving cost through the Space's own backends (chatbot.backends): time to first token, decode tokens/s and
   peak RSS, each GGUF (and the transformers backend with --transformers-speed) in a fresh process.
@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PROMPTS = REPO_ROOT / "training" / "data" / "eval_prompts.jsonl"
+DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
 CARD_BEGIN, CARD_END = "<!-- evaluate.py results begin -->", "<!-- evaluate.py results end -->"
 
 
@@ -83,7 +83,7 @@ def resolve_model(name: str, value: str) -> ModelSpec:
     """What to load for the loss and what to serve, from one --model NAME=SPEC."""
     spec = ModelSpec(name, value)
     if value == "embedded":
-        from chatbot.models import embedded_gguf_path
+        from chatbot.model_files import embedded_gguf_path
 
         spec.ggufs = [embedded_gguf_path()]
         return spec

@@ -1,10 +1,10 @@
-"""Write training/data/sample.jsonl: short chats about this kit (fine-tuning, LoRA, GGUF, llama.cpp, Spaces).
+"""Write training/samples/sample.jsonl: short chats about this kit (fine-tuning, LoRA, GGUF, llama.cpp, Spaces).
 
 One consistent voice (a direct answer first, then at most one concrete tip), several wordings per question,
 some system prompts, some two-turn follow-ups, and a few deliberate exact and near duplicates so the dedup
 options show an effect. Deterministic: rerunning rewrites the same file.
 
-    python training/data/make_sample.py            # also writes the small per-format examples in examples/
+    python training/samples/make_sample.py           # also writes the small per-format examples in examples/
 """
 from __future__ import annotations
 

@@ -34,7 +34,11 @@ def main() -> int:
 
     print(f"Serving {backend.model_name} with {backend.name} (context {backend.n_ctx}, "
           f"{settings.threads} threads) on http://{host}:{port}", file=sys.stderr)
-    demo = build_app(settings, backend)
+    try:
+        demo = build_app(settings, backend)
+    except ConfigError as exc:  # e.g. a CHATBOT_FEEDBACK_DATASET the token cannot create or write
+        print(str(exc), file=sys.stderr)
+        return 2
     demo.queue(max_size=64).launch(server_name=host, server_port=port)
     return 0
 

@@ -6,6 +6,8 @@ app.py prints that line and exits 2, so a user error never shows a stack trace.
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, TypeVar
 
@@ -41,6 +43,8 @@ class Settings:
     mock_delay: float = 0.05
     mock_reply: str | None = None
     llama_repack: bool = False           # llama.cpp extra buffer types (AMX / repacked weights)
+    feedback_dir: str | None = None      # visitor ratings -> DIR/*.jsonl (chatbot.feedback); None = off
+    feedback_dataset: str | None = None  # also push feedback_dir to this private Hub dataset
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -98,6 +102,20 @@ def default_threads(env: Mapping[str, str]) -> int:
     return _number(env, "CPU_CORES", int, max(1, (os.cpu_count() or 1) // 2), lo=1)
 
 
+def _feedback(env: Mapping[str, str]) -> dict:
+    """CHATBOT_FEEDBACK_DIR / CHATBOT_FEEDBACK_DATASET (off unless set; a dataset alone uses a temp folder)."""
+    folder, dataset = _get(env, "CHATBOT_FEEDBACK_DIR"), _get(env, "CHATBOT_FEEDBACK_DATASET")
+    if dataset is not None:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset):
+            raise _bad("CHATBOT_FEEDBACK_DATASET", dataset, "a Hub dataset repo id owner/name")
+        if (env.get("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on"):
+            raise _bad("CHATBOT_FEEDBACK_DATASET", dataset, "unset while HF_HUB_OFFLINE=1 (pushing needs the Hub)")
+        folder = folder or os.path.join(tempfile.gettempdir(), "chatbot-feedback")
+    if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+        raise _bad("CHATBOT_FEEDBACK_DIR", folder, "a directory (created if missing), not a file")
+    return {"feedback_dir": folder, "feedback_dataset": dataset}
+
+
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     backend = (_get(env, "CHATBOT_BACKEND") or "llama_cpp").lower().replace("-", "_")
     if backend not in BACKEND_NAMES:
@@ -143,4 +161,5 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         mock_delay=_number(env, "CHATBOT_MOCK_DELAY", float, 0.05, lo=0, hi=60),
         mock_reply=_get(env, "CHATBOT_MOCK_REPLY"),
         llama_repack=_flag(env, "CHATBOT_LLAMA_REPACK", False),
+        **_feedback(env),
     )

@@ -14,6 +14,7 @@ import time
 import traceback
 from typing import Any, Iterator
 
+from chatbot import feedback
 from chatbot.backends.base import Backend, GenerationParams
 from chatbot.history import NOTICE, build_messages, content_text, normalise, trim
 from chatbot.settings import Settings
@@ -142,11 +143,11 @@ def build_app(settings: Settings, backend: Backend):
     with gr.Blocks(title=f"Chat · {backend.model_name}", fill_height=True) as demo:
         # Rendered below the chat but created first: ChatInterface needs its additional outputs to exist.
         stats = gr.Markdown("", elem_id="reply-stats", render=False)
-        gr.ChatInterface(
+        chat = gr.ChatInterface(
             make_respond(settings, backend),
             title=f"Chat with {backend.model_name}",
             description=f"Backend `{backend.name}` · context {backend.n_ctx} tokens · replies stream as they "
-                        "are generated; the stop button ends generation at once.",
+                        "are generated; the stop button ends generation at once." + feedback.notice(settings),
             # render=False: created inside the outer Blocks they would render above the chat instead of
             # inside ChatInterface's folded accordion.
             additional_inputs=[
@@ -165,4 +166,5 @@ def build_app(settings: Settings, backend: Backend):
             fill_height=True,
         )
         stats.render()
+        feedback.attach(chat, settings, backend)  # thumbs/retry -> records, when CHATBOT_FEEDBACK_DIR is set
     return demo

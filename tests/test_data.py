@@ -39,7 +39,7 @@ def write_jsonl(path: Path, rows, raw_lines=()) -> str:
 
 def prep(path, fmt="auto", tokenizer=None, **cfg):
     """prepare_data on one source with every option off unless asked for."""
-    source_keys = {"assistant_speaker", "window", "system", "weight", "split"}
+    source_keys = {"assistant_speaker", "window", "system", "weight", "split", "repair"}
     src_kw = {k: cfg.pop(k) for k in list(cfg) if k in source_keys}
     cfg.setdefault("dedup", False)
     cfg.setdefault("validation_fraction", 0.0)
@@ -55,8 +55,8 @@ def drops(result):
 # Formats
 
 
-def test_openai_messages_rows_and_every_malformed_reason(tmp_path):
-    rows = [
+def _messy_messages_rows():
+    return [
         {"messages": [U("Hi"), A("Hello!")]},
         {"messages": [S("Be brief."), U("Q1"), A("A1"), U("Q2"), A("A2")]},
         {"messages": [{"role": "developer", "content": "Sys"}, U([{"type": "text", "text": "parts"}]), A("ok")]},
@@ -75,8 +75,12 @@ def test_openai_messages_rows_and_every_malformed_reason(tmp_path):
         {"messages": [U("Hi"), U("again"), A("x")]},                  # not_alternating
         {"messages": [U("Hi"), A("x"), U("dangling")]},               # not_ending_in_assistant
     ]
+
+
+def test_openai_messages_rows_and_every_malformed_reason_strict(tmp_path):
+    rows = _messy_messages_rows()
     path = write_jsonl(tmp_path / "m.jsonl", rows, raw_lines=["{not json", "[1, 2]"])  # 2 x invalid_json
-    result = prep(path)
+    result = prep(path, repair=False)
     rep = result.report.sources[0]
     assert (rep.format, rep.rows, rep.valid, rep.train) == ("messages", 19, 4, 4)
     assert rep.dropped == {"invalid_json": 2, "missing_field": 2, "bad_type": 2, "empty_turn": 1,
@@ -89,6 +93,20 @@ def test_openai_messages_rows_and_every_malformed_reason(tmp_path):
     assert got == want
 
 
+def test_messy_messages_rows_are_repaired_by_default(tmp_path):
+    rows = _messy_messages_rows()
+    path = write_jsonl(tmp_path / "m.jsonl", rows, raw_lines=["{not json", "[1, 2]"])
+    result = prep(path)
+    rep = result.report.sources[0]
+    assert (rep.rows, rep.valid, rep.whole, rep.trimmed) == (19, 9, 4, 5)
+    assert rep.dropped == {"invalid_json": 2, "missing_field": 2, "bad_type": 2, "unknown_role": 1, "empty_turn": 1,
+                           "no_assistant_turn": 2}
+    assert rep.trimmed_by == {"leading_assistant": 1, "system_mid": 1, "merged_same_role": 2, "trailing_user": 1}
+    for want in ([S("a\n\nb"), U("Hi"), A("x")], [U("Hi"), A("x")], [U("Hi\n\nagain"), A("x")]):
+        assert {"messages": want} in result.train
+    assert sum(r == {"messages": [U("Hi"), A("x")]} for r in result.train) == 3  # late system, leading A, dangling U
+
+
 def test_sharegpt_finetome_rows(tmp_path):
     rows = [
         {"conversations": [{"from": "system", "value": "Sys"}, {"from": "human", "value": "Q"},
@@ -96,18 +114,22 @@ def test_sharegpt_finetome_rows(tmp_path):
         {"conversations": [{"from": "user", "value": "Q1"}, {"from": "assistant", "value": "A1"},
                            {"from": "human", "value": "Q2"}, {"from": "gpt", "value": "A2"}]},
         {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "role/content keys"}]},
-        {"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},   # unknown_role
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "tool", "value": "A"}]},  # unknown_role
         {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "A"}]},  # missing_field
         {"source": "no conversations"},                                                       # missing_field
         {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"},
                            {"from": "human", "value": "left hanging"}]},                      # not_ending_in_assistant
         {"conversations": [{"from": "gpt", "value": "A"}, {"from": "gpt", "value": "B"}]},    # not_starting_with_user
     ]
-    result = prep(write_jsonl(tmp_path / "ft.jsonl", rows))
+    path = write_jsonl(tmp_path / "ft.jsonl", rows)
+    strict = prep(path, repair=False).report.sources[0]
+    assert (strict.format, strict.valid) == ("sharegpt", 3)
+    assert strict.dropped == {"missing_field": 2, "unknown_role": 1, "not_starting_with_user": 1,
+                              "not_ending_in_assistant": 1}
+    result = prep(path)
     rep = result.report.sources[0]
-    assert (rep.format, rep.valid) == ("sharegpt", 3)
-    assert rep.dropped == {"missing_field": 2, "unknown_role": 1, "not_starting_with_user": 1,
-                           "not_ending_in_assistant": 1}
+    assert (rep.format, rep.valid, rep.trimmed_by) == ("sharegpt", 4, {"trailing_user": 1})
+    assert rep.dropped == {"missing_field": 2, "unknown_role": 1, "no_assistant_turn": 1}
     assert {"messages": [S("Sys"), U("Q"), A("A")]} in result.train
     assert {"messages": [U("Q1"), A("A1"), U("Q2"), A("A2")]} in result.train
 
@@ -164,11 +186,15 @@ def test_guanaco_rows_from_a_parquet_file(tmp_path):
     ]
     path = tmp_path / "guanaco.parquet"
     pq.write_table(pa.table({"text": texts}), path)
+    strict = prep(path, repair=False).report.sources[0]
+    assert (strict.format, strict.rows, strict.valid) == ("guanaco", 8, 2)
+    assert strict.dropped == {"missing_field": 1, "unparsable_text": 2, "empty_turn": 1, "no_assistant_turn": 1,
+                              "not_alternating": 1}
     result = prep(path)
     rep = result.report.sources[0]
-    assert (rep.format, rep.rows, rep.valid) == ("guanaco", 8, 2)
-    assert rep.dropped == {"missing_field": 1, "unparsable_text": 2, "empty_turn": 1, "no_assistant_turn": 1,
-                           "not_alternating": 1}
+    assert (rep.valid, rep.trimmed_by) == (3, {"merged_same_role": 1})
+    assert rep.dropped == {"missing_field": 1, "unparsable_text": 2, "empty_turn": 1, "no_assistant_turn": 1}
+    assert {"messages": [U("Q\n\nQ again"), A("A")]} in result.train
     assert {"messages": [U("Hi"), A("Hello!"), U("How are you?"), A("Fine.")]} in result.train
 
 
@@ -432,8 +458,11 @@ def test_nothing_usable_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [U("Hi")]}, {"messages": [A("x")]}],
                        raw_lines=["oops"])
     with pytest.raises(DataError, match="no usable training rows left; dropped by reason: invalid_json 1, "
-                                        "no_assistant_turn 1, not_starting_with_user 1"):
+                                        "no_assistant_turn 2"):
         prep(path, fmt="messages")
+    with pytest.raises(DataError, match="no usable training rows left; dropped by reason: invalid_json 1, "
+                                        "no_assistant_turn 1, not_starting_with_user 1"):
+        prep(path, fmt="messages", repair=False)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -468,7 +497,9 @@ def test_report_summary_json_and_plot(tmp_path):
     assert rep.dropped == {"no_assistant_turn": 1, "duplicate": 2}
     assert (rep.train_rows, rep.validation_rows) == (28, 3)
     assert lines == ["data: reading a.jsonl", "data: reading b.jsonl", rep.summary()]
-    assert "a.jsonl [messages]: 31 rows read, 30 valid, 3 held out" in rep.summary()
+    assert ("a.jsonl [messages]: 31 rows read, 30 valid (96.8% kept: 30 whole, 0 trimmed), 3 held out, 27 kept "
+            "after filters, 27 in the training mix") in rep.summary()
+    assert "kept 97.1% of the conversations read" in rep.summary()  # (30 + 3) / (31 + 3)
     assert "dropped in total: no_assistant_turn 1, duplicate 2" in rep.summary()
     report_path, plot_path = rep.write(tmp_path / "out")
     saved = json.loads(report_path.read_text())
@@ -476,6 +507,7 @@ def test_report_summary_json_and_plot(tmp_path):
     assert sum(saved["length_histogram"]["train"]) == rep.train_rows
     assert sum(saved["length_histogram"]["validation"]) == rep.validation_rows
     assert saved["config"]["sources"][1]["path"] == b
+    assert saved["kept_fraction"] == 33 / 34 and saved["sources"][0]["kept_fraction"] == 30 / 31
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -550,8 +582,10 @@ def test_cli_prints_the_summary_and_writes_the_report(tmp_path, capsys):
     n = len(SAMPLE.read_text().splitlines())
     assert f"sample.jsonl [messages]: {n} rows read, {n} valid" in printed
     assert (out / "data_report.json").exists() and (out / "data_lengths.png").exists()
-    with pytest.raises(SystemExit, match="error: source path 'nope.jsonl' not found"):
+    with pytest.raises(SystemExit) as exit_info:
         D.main(["nope.jsonl"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: source path 'nope.jsonl' not found")
 
 
 def test_repo_relative_paths_resolve_from_any_directory(tmp_path, monkeypatch):

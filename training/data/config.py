@@ -17,6 +17,7 @@ class SourceConfig:
     assistant_speaker: str | None = None  # dialogue: the speaker played by the assistant; None = every speaker in turn
     window: int = 8                  # dialogue: utterances per training window
     system: str | None = None        # system prompt added to rows that have none; dialogue may use {speaker}
+    repair: bool = True              # keep the usable part of messy conversations; false = drop them whole
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DataConfig:
     max_rows: int | None = None              # cap on the training rows after mixing (quick runs, sweeps)
     seed: int = 42
     max_validation_rows: int | None = None   # cap on the held-out rows (keeps eval cheap on big data sets)
+    salvage_truncated: bool = False          # a cut-off .json file: keep the complete records before the cut
 
 
 def data_config_from_dict(values: dict) -> DataConfig:

@@ -1,18 +1,23 @@
-"""One source's raw rows -> validated conversations, malformed rows counted by reason."""
+"""One source's raw rows -> conversations in the training shape; malformed rows counted by reason.
+
+Each example is {"messages", "score", "trims" (the TRIM_REASONS repair applied; empty = kept whole), "row" (its
+index among the source's rows)}.
+"""
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
 from training.data.config import SourceConfig
+from training.data.conversation import repair, validate
 from training.data.dialogue import dialogue_windows
 from training.data.errors import DataError, Drop
-from training.data.formats import FORMATS, ROW_FORMATS, detect_format, row_score, validate, with_system
+from training.data.formats import FORMAT_BY_NAME, FORMATS, detect_format, row_score, with_system
 from training.data.read import source_name
 
 
 def normalise_source(src: SourceConfig, rows: list[Any], drops: Counter) -> tuple[str, list[dict]]:
-    """Rows of one source -> (format, examples {"messages", "score"}); malformed rows are counted in `drops`."""
+    """Rows of one source -> (format, examples); malformed rows are counted in `drops`."""
     name = source_name(src)
     if src.format not in FORMATS:
         raise DataError(f"format={src.format!r} for source {name!r}; accepted: {', '.join(FORMATS)}")
@@ -22,17 +27,21 @@ def normalise_source(src: SourceConfig, rows: list[Any], drops: Counter) -> tupl
         if src.window < 2:
             raise DataError(f"window={src.window} for source {name!r}; accepted: an integer >= 2")
         windows = dialogue_windows(rows, src.assistant_speaker, src.window, src.system, drops, name)
-        return fmt, [{"messages": m, "score": None} for m in windows]
-    convert = ROW_FORMATS[fmt]
+        return fmt, [{"messages": m, "score": None, "trims": [], "row": None} for m in windows]
+    shape = FORMAT_BY_NAME[fmt]
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
             continue
         try:
-            messages = with_system(convert(row), src.system)
-            validate(messages)
+            messages, trims = shape.convert(row), []
+            if src.repair:
+                messages, trims = repair(messages)
+            else:
+                validate(messages)
         except Drop as d:
             drops[d.reason] += 1
             continue
-        out.append({"messages": messages, "score": row_score(row)})
+        out.append({"messages": with_system(messages, src.system), "score": row_score(row), "trims": trims,
+                    "row": i})
     return fmt, out

@@ -1,6 +1,7 @@
-"""prepare_data: read -> normalise + validate (malformed rows skipped, counted by reason) -> hold out validation
-rows (per source, seeded; or a fixed file) -> min_score -> exact dedup -> near dedup -> token-length filter -> drop
-train rows identical to a validation row -> mix sources by weight -> max_rows -> report.
+"""prepare_data: read -> normalise and repair (malformed rows skipped, counted by reason) -> hold out validation
+rows (per source, seeded; or a fixed file) -> min_score -> exact dedup -> near dedup -> drop train rows identical
+to a validation row -> long conversations into windows that fit max_length -> token-length filter -> mix sources
+by weight -> max_rows -> report.
 
 The validation rows are taken *before* the filters on purpose: every DataConfig variant over the same sources
 (raw / dedup / filtered / mixed) is then scored on the very same held-out rows, so their eval losses compare.
@@ -14,15 +15,16 @@ from typing import Any, Callable
 
 from training.data.config import DataConfig, SourceConfig
 from training.data.dedup import digest, exact_dedup_mask, near_dedup_mask, normalised_text
-from training.data.errors import DROP_REASONS, DataError
+from training.data.errors import DROP_REASONS, TRIM_REASONS, DataError
 from training.data.formats import FORMATS
 from training.data.mix import mix_counts, split_validation, take
 from training.data.normalise import normalise_source
-from training.data.read import read_rows, source_name
+from training.data.read import read_source, source_name
 from training.data.report import DataReport, PreparedData, SourceReport
+from training.data.windows import fit_windows, token_lengths
 
 
-def check_config(cfg: DataConfig, tokenizer) -> None:
+def check_config(cfg: DataConfig, tokenizer, max_length: int | None = None) -> None:
     if not cfg.sources:
         raise DataError("DataConfig.sources is empty; accepted: a list of at least one source")
     for src in cfg.sources:
@@ -36,6 +38,8 @@ def check_config(cfg: DataConfig, tokenizer) -> None:
         raise DataError(f"validation_fraction={cfg.validation_fraction!r}; accepted: 0 <= value < 1")
     if cfg.near_dedup is not None and not 0 < cfg.near_dedup <= 1:
         raise DataError(f"near_dedup={cfg.near_dedup!r}; accepted: a Jaccard threshold in (0, 1] or null")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise DataError(f"max_length={max_length!r}; accepted: an integer >= 2 or null")
     for key in ("max_rows", "max_validation_rows", "min_tokens", "max_tokens"):
         value = getattr(cfg, key)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -44,39 +48,52 @@ def check_config(cfg: DataConfig, tokenizer) -> None:
         raise DataError("min_tokens/max_tokens need a tokenizer: pass tokenizer= to prepare_data, or set both to null")
 
 
-
-def token_lengths(tokenizer, conversations: list[list[dict]], batch: int = 256) -> list[int]:
-    """Tokens of each conversation rendered with the tokenizer's own chat template (as training sees it)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat_template; set the recipe's template on it before prepare_data "
-                        "(token lengths are measured on the templated conversation)")
-    lengths = []
-    for i in range(0, len(conversations), batch):
-        texts = tokenizer.apply_chat_template(conversations[i:i + batch], tokenize=False)
-        enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        lengths.extend(len(ids) for ids in enc)
-    return lengths
-
+def window_long(examples: list[dict], srep: SourceReport, tokenizer, max_length: int) -> list[dict]:
+    """Examples with each conversation longer than max_length replaced by its windows; counted in `srep`."""
+    out = []
+    for e in examples:
+        windows = fit_windows(tokenizer, e["messages"], max_length, e["length"])
+        if len(windows) > 1:
+            srep.windowed += 1
+            srep.windows_from_long += len(windows)
+        srep.cut_at_max_length += sum(1 for _, n in windows if n > max_length)
+        out.extend({**e, "messages": w, "length": n} for w, n in windows)
+    return out
 
 
-def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | None = print) -> PreparedData:
-    """Load, normalise, clean, split and mix the sources of `cfg`; rows are {"messages": [...]} dicts."""
+def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | None = print,
+                 max_length: int | None = None) -> PreparedData:
+    """Load, normalise, clean, split and mix the sources of `cfg`; rows are {"messages": [...]} dicts.
+
+    With a tokenizer and `max_length` (train.max_length), training conversations longer than max_length become
+    windows of whole exchanges that fit (training.data.windows); held-out rows stay whole, so every tool scores
+    the same rows.
+    """
     log = log or (lambda _msg: None)
-    check_config(cfg, tokenizer)
+    check_config(cfg, tokenizer, max_length)
     report = DataReport(length_unit="tokens" if tokenizer is not None else "characters",
-                        config=asdict(cfg))
+                        config=asdict(cfg), max_length=max_length if tokenizer is not None else None)
     drops: list[Counter] = []
     train_parts: list[list[dict]] = []
     validation: list[dict] = []
 
     for i, src in enumerate(cfg.sources):
         log(f"data: reading {source_name(src)}")
-        rows = read_rows(src)
+        read = read_source(src, salvage=cfg.salvage_truncated)
         counter: Counter = Counter()
-        fmt, examples = normalise_source(src, rows, counter)
-        srep = SourceReport(name=source_name(src), format=fmt, rows=len(rows), valid=len(examples))
+        fmt, examples = normalise_source(src, read.rows, counter)
+        srep = SourceReport(name=source_name(src), format=fmt, rows=len(read.rows), valid=len(examples),
+                            salvaged=read.salvaged)
+        if read.salvaged is not None:
+            log(f"data: warning: {srep.name} is cut off or broken; salvaged the {read.salvaged} complete records "
+                "before the break")
+        srep.trimmed = sum(1 for e in examples if e["trims"])
+        srep.whole = srep.valid - srep.trimmed
+        trims = Counter(r for e in examples for r in e["trims"])
+        srep.trimmed_by = {k: trims[k] for k in TRIM_REASONS if trims[k]}
         if cfg.validation_path is None:
-            examples, held = split_validation(examples, cfg.validation_fraction, random.Random(f"{cfg.seed}/split/{i}"))
+            examples, held = split_validation(examples, cfg.validation_fraction,
+                                              random.Random(f"{cfg.seed}/split/{i}"))
             validation.extend(held)
             srep.validation = len(held)
         if not examples:
@@ -87,9 +104,8 @@ def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | No
 
     if cfg.validation_path is not None:
         vsrc = SourceConfig(path=cfg.validation_path)
-        vrows = read_rows(vsrc)
         vdrops: Counter = Counter()
-        _, validation = normalise_source(vsrc, vrows, vdrops)
+        _, validation = normalise_source(vsrc, read_source(vsrc, salvage=cfg.salvage_truncated).rows, vdrops)
         if vdrops:
             log(f"data: validation file {vsrc.path}: skipped " + ", ".join(f"{k} {v}" for k, v in vdrops.items()))
     if cfg.max_validation_rows is not None and len(validation) > cfg.max_validation_rows:
@@ -117,17 +133,20 @@ def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | No
     if cfg.near_dedup is not None:
         apply(lambda ex: near_dedup_mask([normalised_text(e["messages"]) for e in ex], cfg.near_dedup,
                                          seed=cfg.seed), "near_duplicate")
+    if validation:  # never train on a held-out row, whatever the dedup options say
+        seen = {digest(normalised_text(v["messages"])) for v in validation}
+        apply(lambda ex: [digest(normalised_text(e["messages"])) not in seen for e in ex], "in_validation")
     if tokenizer is not None:
         for part in train_parts:
             for e, n in zip(part, token_lengths(tokenizer, [e["messages"] for e in part])):
                 e["length"] = n
+        if max_length is not None:
+            for s, (part, srep) in enumerate(zip(train_parts, report.sources)):
+                train_parts[s] = window_long(part, srep, tokenizer, max_length)
         if cfg.min_tokens is not None:
             apply(lambda ex: [e["length"] >= cfg.min_tokens for e in ex], "too_short")
         if cfg.max_tokens is not None:
             apply(lambda ex: [e["length"] <= cfg.max_tokens for e in ex], "too_long")
-    if validation:  # never train on a held-out row, whatever the dedup options say
-        seen = {digest(normalised_text(v["messages"])) for v in validation}
-        apply(lambda ex: [digest(normalised_text(e["messages"])) not in seen for e in ex], "in_validation")
 
     counts = mix_counts([len(p) for p in train_parts], [s.weight for s in cfg.sources], cfg.max_rows)
     train: list[dict] = []
@@ -156,6 +175,5 @@ def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | No
 def load_conversations(path: str, format: str = "auto") -> list[dict]:
     """Every valid conversation of one file / dataset, normalised, with no filtering (for evaluation and tools)."""
     src = SourceConfig(path=path, format=format)
-    rows = read_rows(src)
-    _, examples = normalise_source(src, rows, Counter())
+    _, examples = normalise_source(src, read_source(src).rows, Counter())
     return [{"messages": e["messages"]} for e in examples]

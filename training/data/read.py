@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from training.data.config import SourceConfig
 from training.data.errors import DataError
+from training.data.json_rows import read_json_rows
 from training.paths import resolve_repo_path
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -24,56 +25,46 @@ def _is_local(path: str) -> bool:
     return resolve_repo_path(path).exists() or path.lower().endswith(LOCAL_SUFFIXES)
 
 
-def read_rows(src: SourceConfig) -> list[Any]:
-    """Raw rows of a source: dicts, or None for a .jsonl line that is not JSON."""
+@dataclass
+class SourceRows:
+    rows: list[Any]              # dicts, or None for a JSON Lines line that is not JSON
+    salvaged: int | None = None  # records kept from a broken JSON document (salvage_truncated), else None
+
+
+def read_source(src: SourceConfig, salvage: bool = False) -> SourceRows:
+    """Raw rows of a source; `salvage` keeps the complete records of a cut-off JSON document instead of failing."""
     path = resolve_repo_path(src.path)
+    salvaged = None
     if src.path.lower().endswith(LOCAL_SUFFIXES):
         if not path.is_file():
             raise DataError(f"source path {src.path!r} not found (a local .jsonl/.json/.csv/.parquet file, "
                             "a dataset directory, or a Hub dataset id)")
-        rows = read_file(path, src.max_rows)
+        rows, salvaged = read_file(path, src.max_rows, salvage)
     elif (path / "utterances.jsonl").is_file():  # a ConvoKit corpus directory
-        rows = read_file(path / "utterances.jsonl", src.max_rows)
+        rows, salvaged = read_file(path / "utterances.jsonl", src.max_rows, salvage)
     else:
         rows = read_dataset(src)
     if src.max_rows is not None:
         rows = rows[: src.max_rows]
-    return rows
+    return SourceRows(rows, salvaged)
 
 
-def read_jsonl(path: Path, max_rows: int | None) -> list[Any]:
-    rows: list[Any] = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    rows.append(None)
-    return rows
+def read_rows(src: SourceConfig) -> list[Any]:
+    """Raw rows of a source: dicts, or None for a .jsonl line that is not JSON."""
+    return read_source(src).rows
 
 
-def read_file(path: Path, max_rows: int | None) -> list[Any]:
+def read_file(path: Path, max_rows: int | None, salvage: bool = False) -> tuple[list[Any], int | None]:
+    """(rows, salvaged) of one local file; .json and .jsonl are read by their first bytes (training.data.json_rows)."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return read_jsonl(path, max_rows)
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:  # JSON Lines under a .json name
-            return read_jsonl(path, max_rows)
-        if isinstance(data, dict):  # {"data": [...]} or a single row
-            lists = [v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
-            data = lists[0] if len(lists) == 1 else [data]
-        return list(data)
+    if suffix in (".json", ".jsonl"):
+        return read_json_rows(path, max_rows, salvage)
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+            return list(csv.DictReader(f)), None
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).to_pylist()
+    return pq.read_table(path).to_pylist(), None
 
 
 def read_dataset(src: SourceConfig) -> list[dict]:

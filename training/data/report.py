@@ -14,11 +14,28 @@ class SourceReport:
     name: str
     format: str
     rows: int = 0              # rows read
-    valid: int = 0             # rows that normalised and validated (for dialogue: windows built)
-    validation: int = 0        # of those, held out
-    kept: int = 0              # training rows left after the filters
-    train: int = 0             # training rows after mixing / max_rows
+    valid: int = 0             # conversations that normalised (for dialogue: windows built) = whole + trimmed
+    whole: int = 0             # of those, kept as they were
+    trimmed: int = 0           # of those, repaired (turns removed or merged)
+    trimmed_by: dict[str, int] = field(default_factory=dict)  # conversations per TRIM_REASONS key
+    validation: int = 0        # of the valid ones, held out
+    windowed: int = 0          # training conversations longer than max_length, split into windows
+    windows_from_long: int = 0  # the training examples those became
+    cut_at_max_length: int = 0  # examples still over max_length (one exchange alone is longer): cut when tokenised
+    kept: int = 0              # training examples left after the filters
+    train: int = 0             # training examples after mixing / max_rows
+    salvaged: int | None = None  # records kept from a cut-off JSON file (data.salvage_truncated), else None
     dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kept_fraction(self) -> float | None:
+        """Share of the rows read that became usable conversations (None for dialogue utterance rows)."""
+        if self.format == "dialogue" or not self.rows:
+            return None
+        return self.valid / self.rows
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "kept_fraction": self.kept_fraction}
 
 
 @dataclass
@@ -30,6 +47,14 @@ class DataReport:
     train_lengths: list[int] = field(default_factory=list, repr=False)
     validation_lengths: list[int] = field(default_factory=list, repr=False)
     config: dict = field(default_factory=dict)
+    max_length: int | None = None  # train.max_length the long conversations were windowed for
+
+    @property
+    def kept_fraction(self) -> float | None:
+        """Share of the conversations read (all sources but dialogue ones) that yield training or held-out rows."""
+        counted = [s for s in self.sources if s.kept_fraction is not None]
+        rows = sum(s.rows for s in counted)
+        return sum(s.valid for s in counted) / rows if rows else None
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -61,13 +86,24 @@ class DataReport:
 
     def summary(self) -> str:
         stats = self.length_stats()
+        kept = self.kept_fraction
         lines = [f"data: {len(self.sources)} source(s) -> {self.train_rows} train / {self.validation_rows} "
                  f"validation rows"
+                 + (f"; kept {kept:.1%} of the conversations read" if kept is not None else "")
                  + (f"; train length in {self.length_unit}: median {stats['median']:.0f}, p99 {stats['p99']:.0f}, "
                     f"max {stats['max']}" if stats else "")]
         for s in self.sources:
-            lines.append(f"  {s.name} [{s.format}]: {s.rows} rows read, {s.valid} valid, {s.validation} held out, "
-                         f"{s.kept} kept after filters, {s.train} in the training mix")
+            share = f" ({s.kept_fraction:.1%} kept: {s.whole} whole, {s.trimmed} trimmed)" \
+                if s.kept_fraction is not None else ""
+            lines.append(f"  {s.name} [{s.format}]: {s.rows} rows read, {s.valid} valid{share}, {s.validation} held "
+                         f"out, {s.kept} kept after filters, {s.train} in the training mix")
+            if s.salvaged is not None:
+                lines.append(f"    salvaged {s.salvaged} complete records from a cut-off file")
+            if s.trimmed_by:
+                lines.append("    trimmed: " + ", ".join(f"{k} {v}" for k, v in s.trimmed_by.items()))
+            if s.windowed or s.cut_at_max_length:
+                lines.append(f"    long: {s.windowed} conversations windowed into {s.windows_from_long} examples of "
+                             f"<= {self.max_length} tokens; {s.cut_at_max_length} single exchanges over it (cut)")
             if s.dropped:
                 lines.append("    dropped: " + ", ".join(f"{k} {v}" for k, v in s.dropped.items()))
         dropped = self.dropped
@@ -76,18 +112,17 @@ class DataReport:
 
     def to_dict(self) -> dict:
         return {"train_rows": self.train_rows, "validation_rows": self.validation_rows,
-                "dropped": self.dropped, "sources": [asdict(s) for s in self.sources],
+                "kept_fraction": self.kept_fraction, "max_length": self.max_length,
+                "dropped": self.dropped, "sources": [s.to_dict() for s in self.sources],
                 "length_unit": self.length_unit, "train_length_stats": self.length_stats("train"),
                 "validation_length_stats": self.length_stats("validation"),
                 "length_histogram": self.histogram(), "config": self.config}
 
     def write(self, out_dir) -> tuple[Path, Path]:
         """data_report.json and data_lengths.png (histogram of train / validation lengths) into out_dir."""
-        import matplotlib
+        from training.plotting import headless_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = headless_pyplot()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report_path, plot_path = out / "data_report.json", out / "data_lengths.png"

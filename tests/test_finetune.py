@@ -350,33 +350,3 @@ def test_base_without_template_gets_recipe_chatml_with_trained_new_tokens(tmp_pa
     assert prompt == "<|im_start|>user\ntell me about apples ( # 0 )<|im_end|>\n<|im_start|>assistant\n"
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any("trainable_tokens" in k or "token_adapter" in k for k in adapter), sorted(adapter)[:5]
-
-
-def test_push_checkpoints_uploads_each_saved_checkpoint(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    import huggingface_hub
-
-    from training import hub
-
-    uploads = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, private=False, exist_ok=False):
-            uploads.append(("create", repo_id, private))
-
-        def upload_folder(self, **kwargs):
-            uploads.append(("upload", kwargs["folder_path"], kwargs["path_in_repo"], kwargs["run_as_future"]))
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    (tmp_path / "checkpoint-20").mkdir()
-    pusher = hub.CheckpointPusher("alice/run", private=True)
-    args = SimpleNamespace(output_dir=str(tmp_path))
-    pusher.on_save(args, SimpleNamespace(global_step=20, is_world_process_zero=True), None)
-    pusher.on_save(args, SimpleNamespace(global_step=40, is_world_process_zero=True), None)  # not on disk
-    pusher.on_save(args, SimpleNamespace(global_step=20, is_world_process_zero=False), None)  # other DDP rank
-    assert uploads == [("create", "alice/run", True),
-                       ("upload", str(tmp_path / "checkpoint-20"), "checkpoints/checkpoint-20", True)]

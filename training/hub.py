@@ -7,6 +7,9 @@ transformers), the GGUF files at the root too (`CHATBOT_GGUF_FILE=*q4_k_m.gguf`)
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import yaml
 RUN_FILES = ("summary.json", "loss.png", "data_report.json", "data_lengths.png", "config.yaml")
 
 
-def _token() -> str | None:
+def hf_token() -> str | None:
     return os.environ.get("HF_TOKEN") or None
 
 
@@ -111,9 +114,17 @@ def model_card(cfg, summary: dict, data_report: dict | None = None) -> str:
               f"| tokens/s | {_fmt(summary.get('tokens_per_second'), 0)} |",
               f"| peak memory | {_fmt(summary.get('peak_memory_gb'), 2)} GB |",
               f"| wall time | {_fmt(summary.get('wall_time_s'), 0)} s |",
+              *([f"| interruptions | {_interruptions(summary['interruptions'])} |"]
+                if summary.get("interruptions") else []),
               "", "Files: merged model at the root, GGUF at the root, LoRA adapter in `adapter/`, "
               "loss curve, summary and data report in `run/`.", ""]
     return "\n".join(lines)
+
+
+def _interruptions(resumes: list[dict]) -> str:
+    """summary["interruptions"] as words: where each resume continued from."""
+    return "; ".join(f"resumed at step {r['step']} from "
+                     + ("output_dir" if r["from"] == "local" else f"the Hub repo {r['from']}") for r in resumes)
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -127,12 +138,22 @@ def push_run(out_dir: str | Path, repo_id: str, private: bool = False, include_c
     plan = upload_plan(out_dir, include_checkpoints)
     if not plan:
         raise ValueError(f"nothing to upload in {out_dir}")
-    api = HfApi(token=_token())
+    api = HfApi(token=hf_token())
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.create_commit(repo_id, operations=[CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local))
                                            for local, remote in plan],
                       commit_message=f"Upload fine-tuned model ({len(plan)} files)")
     return str(url)
+
+
+CHECKPOINT_DIR = "checkpoints"  # checkpoint-N folders sit under this folder of the repo
+
+
+def hub_checkpoint_steps(api, repo_id: str) -> list[int]:
+    """Steps of the complete checkpoints in the repo (those with trainer_state.json, which Trainer writes last),
+    oldest first."""
+    pattern = re.compile(rf"^{CHECKPOINT_DIR}/checkpoint-(\d+)/trainer_state\.json$")
+    return sorted(int(m.group(1)) for f in api.list_repo_files(repo_id) if (m := pattern.match(f)))
 
 
 def _checkpoint_pusher_base():
@@ -142,20 +163,111 @@ def _checkpoint_pusher_base():
 
 
 class CheckpointPusher(_checkpoint_pusher_base()):
-    """Uploads each checkpoint in the background as Trainer saves it, so a lost machine loses one interval."""
+    """Uploads each checkpoint in the background as Trainer saves it, so a lost machine loses one interval.
 
-    def __init__(self, repo_id: str, private: bool = False):
+    on_save hard-links the finished checkpoint folder into OUT/.hub-push/ (instant; rotation by save_total_limit
+    cannot then delete files from under an upload) and hands it to one worker thread, so training never waits.
+    While an upload runs, only the newest waiting checkpoint is kept: a slow link pushes fewer checkpoints, never
+    stale ones. Each push is one commit that adds checkpoints/checkpoint-N/ and removes the repo's checkpoints
+    beyond `keep` (save_total_limit) and any newer than N (left by an earlier run this one replaced). Transfers
+    are retried by huggingface_hub (http_backoff on 429/5xx and connection errors); a push that still fails is
+    logged and training goes on. At the end of training the last push is awaited for at most `wait_s` seconds.
+    """
+
+    def __init__(self, repo_id: str, private: bool = False, keep: int | None = None, wait_s: float = 300,
+                 log=print):
         from huggingface_hub import HfApi
 
-        self.repo_id = repo_id
-        self.api = HfApi(token=_token())
+        self.repo_id, self.keep, self.wait_s, self.log = repo_id, keep, wait_s, log
+        self.api = HfApi(token=hf_token())
         self.api.create_repo(repo_id, private=private, exist_ok=True)
+        self.pushed: list[int] = []                 # steps pushed, in order
+        self.failed: list[tuple[int, str]] = []     # (step, error) of pushes that failed
+        self._waiting: tuple[int, Path] | None = None
+        self._busy: int | None = None
+        self._cond = threading.Condition()
+        self._worker: threading.Thread | None = None
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            self.api.upload_folder(repo_id=self.repo_id, folder_path=str(ckpt),
-                                   path_in_repo=f"checkpoints/{ckpt.name}", run_as_future=True,
-                                   commit_message=f"checkpoint {state.global_step}")
+        if not (ckpt / "trainer_state.json").is_file():
+            return
+        staged = _stage(ckpt, Path(args.output_dir) / ".hub-push" / ckpt.name)
+        with self._cond:
+            if self._waiting:
+                shutil.rmtree(self._waiting[1], ignore_errors=True)
+            self._waiting = (state.global_step, staged)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="checkpoint-push", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiting is None:
+                    self._cond.wait()
+                (step, staged), self._waiting = self._waiting, None
+                self._busy = step
+            try:
+                removed = self._push(step, staged)
+                self.pushed.append(step)
+                self.log(f"pushed checkpoint-{step} to {self.repo_id}"
+                         + (f" (removed {', '.join(removed)})" if removed else ""))
+            except Exception as exc:  # not fatal: the next checkpoint is pushed all the same
+                self.failed.append((step, f"{type(exc).__name__}: {exc}"))
+                self.log(f"push of checkpoint-{step} to {self.repo_id} failed ({type(exc).__name__}: {exc}); "
+                         "training goes on")
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+                with self._cond:
+                    self._busy = None
+                    self._cond.notify_all()
+
+    def _push(self, step: int, staged: Path) -> list[str]:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        remote = [s for s in hub_checkpoint_steps(self.api, self.repo_id) if s != step]
+        older = [s for s in remote if s < step]
+        drop = [s for s in remote if s > step] + (older[:max(0, len(older) - self.keep + 1)] if self.keep else [])
+        ops = [CommitOperationAdd(path_in_repo=f"{CHECKPOINT_DIR}/checkpoint-{step}/{f.relative_to(staged).as_posix()}",
+                                  path_or_fileobj=str(f))
+               for f in sorted(staged.rglob("*")) if f.is_file()]
+        ops += [CommitOperationDelete(path_in_repo=f"{CHECKPOINT_DIR}/checkpoint-{s}/", is_folder=True)
+                for s in sorted(drop)]
+        self.api.create_commit(self.repo_id, operations=ops, commit_message=f"checkpoint {step}")
+        return [f"checkpoint-{s}" for s in sorted(drop)]
+
+    def wait(self, timeout: float) -> bool:
+        """Block until every saved checkpoint is pushed (or failed), at most `timeout` seconds."""
+        with self._cond:
+            pending = self._waiting[0] if self._waiting else self._busy
+            if pending is None:
+                return True
+            self.log(f"waiting up to {timeout:g} s for the push of checkpoint-{pending} to {self.repo_id}")
+            done = self._cond.wait_for(lambda: self._waiting is None and self._busy is None, timeout)
+        if not done:
+            self.log(f"checkpoint push still running after {timeout:g} s; not waiting longer "
+                     f"(the repo keeps checkpoint-{self.pushed[-1]})" if self.pushed else
+                     f"checkpoint push still running after {timeout:g} s; not waiting longer")
+        return done
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.wait(self.wait_s)
+
+
+def _stage(ckpt: Path, staged: Path) -> Path:
+    """A hard-linked copy of a finished checkpoint folder (a plain copy where links are not supported)."""
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(ckpt, staged, copy_function=_link_or_copy)
+    return staged
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # e.g. a Google Drive mount in Colab
+        shutil.copy2(src, dst)

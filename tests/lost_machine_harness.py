@@ -1,0 +1,119 @@
+"""A stand-in for the Hub and for a machine that can be lost, for tests (no network).
+
+`StandinHub(root).install(setattr)` replaces the huggingface_hub.HfApi calls that training/ makes
+(create_repo, list_repo_files, create_commit, snapshot_download) with ones reading and writing `root/<repo_id>/`;
+every commit is appended to `root/commits.jsonl` once it is complete. `commit_seconds` slows each commit down and
+`fail_commits` makes the next N commits raise, as a flaky network would.
+
+As a script it runs another script under that stand-in (settings from the environment), with each optimizer
+step taking at least HARNESS_STEP_SECONDS and printing `[harness] step`, so a test can signal or kill it mid-run:
+
+    HUB_STANDIN_DIR=/tmp/hub HARNESS_STEP_SECONDS=0.2 python tests/lost_machine_harness.py training/finetune.py ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class StandinHub:
+    def __init__(self, root: str | Path, commit_seconds: float = 0.0, fail_commits: int = 0):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.commit_seconds = commit_seconds
+        self.fail_commits = fail_commits
+        self._lock = threading.Lock()
+
+    def repo(self, repo_id: str) -> Path:
+        return self.root / repo_id
+
+    def commits(self) -> list[dict]:
+        log = self.root / "commits.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+    def files(self, repo_id: str) -> list[str]:
+        repo = self.repo(repo_id)
+        return sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+
+    # ------------------------------------------------------------ the HfApi methods
+
+    def create_repo(self, api, repo_id, *, private=False, exist_ok=False, **kwargs):
+        self.repo(repo_id).mkdir(parents=True, exist_ok=exist_ok)
+        return f"https://huggingface.co/{repo_id}"
+
+    def list_repo_files(self, api, repo_id, **kwargs):
+        if not self.repo(repo_id).is_dir():
+            import httpx2
+            from huggingface_hub.errors import RepositoryNotFoundError
+
+            request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+            raise RepositoryNotFoundError(f"404: {repo_id} not found", response=httpx2.Response(404, request=request))
+        return self.files(repo_id)
+
+    def create_commit(self, api, repo_id, operations, *, commit_message, **kwargs):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        time.sleep(self.commit_seconds)
+        with self._lock:
+            if self.fail_commits > 0:
+                self.fail_commits -= 1
+                raise OSError("stand-in network failure")
+            repo = self.repo(repo_id)
+            added, deleted = [], []
+            for op in operations:
+                target = repo / op.path_in_repo
+                if isinstance(op, CommitOperationDelete):
+                    shutil.rmtree(target, ignore_errors=True) if op.is_folder else target.unlink(missing_ok=True)
+                    deleted.append(op.path_in_repo)
+                elif isinstance(op, CommitOperationAdd):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(op.path_or_fileobj, target)
+                    added.append(op.path_in_repo)
+            with (self.root / "commits.jsonl").open("a") as f:
+                f.write(json.dumps({"repo": repo_id, "message": commit_message, "added": added,
+                                    "deleted": deleted}) + "\n")
+
+    def snapshot_download(self, api, repo_id, *, allow_patterns=None, ignore_patterns=None, **kwargs):
+        from huggingface_hub.utils import filter_repo_objects
+
+        snapshot = self.root / "_cache" / repo_id
+        for rel in filter_repo_objects(self.files(repo_id), allow_patterns=allow_patterns,
+                                       ignore_patterns=ignore_patterns):
+            (snapshot / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.repo(repo_id) / rel, snapshot / rel)
+        return str(snapshot)
+
+    def install(self, set_attr=setattr) -> "StandinHub":
+        """Patch huggingface_hub.HfApi (pass pytest's monkeypatch.setattr to have it undone after a test)."""
+        from huggingface_hub import HfApi
+
+        for name in ("create_repo", "list_repo_files", "create_commit", "snapshot_download"):
+            method = getattr(self, name)
+            set_attr(HfApi, name, lambda api, *a, _m=method, **k: _m(api, *a, **k))
+        return self
+
+
+def _slow_steps(seconds: float) -> None:
+    from transformers import Trainer
+
+    step = Trainer.training_step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(seconds)
+        print("[harness] step", flush=True)
+        return step(self, *args, **kwargs)
+
+    Trainer.training_step = slow_step
+
+
+if __name__ == "__main__":
+    StandinHub(os.environ["HUB_STANDIN_DIR"]).install()
+    _slow_steps(float(os.environ.get("HARNESS_STEP_SECONDS", "0")))
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")

@@ -1,0 +1,198 @@
+"""Preference tuning: the data formats (pairs, ratings, the Space's feedback records; malformed rows skipped and
+counted), and records written by the Space's own feedback code training a KTO run and a DPO run of finetune.py on a
+tiny model, whose held-out preference rate beats the base's, merged and exported to GGUF as for SFT."""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from training.config import TrainConfig, apply_overrides
+from training.data import DataConfig, SourceConfig
+from training.data.preference import (detect_preference_format, dpo_rows, heldout_pairs, kto_rows,
+                                      prepare_preference_data, read_judgements)
+
+TOPICS = ["apples", "rivers", "clocks", "stars", "bread", "rain", "chess", "trains", "maps", "boats", "lamps", "tea"]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def judgements(tmp_path, rows, fmt="auto"):
+    drops = Counter()
+    src = SourceConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows)), format=fmt)
+    from training.data import read_rows
+
+    fmt, pairs, ratings = read_judgements(src, read_rows(src), drops)
+    return fmt, pairs, ratings, drops
+
+
+# ---------------------------------------------------------------- formats
+
+def test_pairs_with_explicit_and_implicit_prompt_and_bad_rows_counted(tmp_path):
+    q = [{"role": "user", "content": "Hi"}]
+    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+            {"prompt": q, "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": "Meh."},
+            {"chosen": q + [{"role": "assistant", "content": "Hey"}], "rejected": q + [{"role": "assistant", "content": "No"}]},
+            {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
+            {"prompt": "Hi", "chosen": "x", "rejected": None},
+            {"prompt": [{"role": "robot", "content": "Hi"}], "chosen": "a", "rejected": "b"},
+            "not json"]
+    fmt, pairs, ratings, drops = judgements(tmp_path, rows)
+    assert fmt == "pairs" and ratings == []
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [(q, "Hello!", "Go away."), (q, "Hello!", "Meh."),
+                                                                          (q, "Hey", "No")]
+    assert drops == Counter({"same_reply": 1, "missing_field": 1, "unknown_role": 1, "invalid_json": 1})
+
+
+def test_ratings_labels_and_kto_dpo_shapes(tmp_path):
+    rows = [{"prompt": "Q1", "completion": "good", "label": True}, {"prompt": "Q1", "completion": "bad", "label": "down"},
+            {"prompt": "Q1", "completion": "bad2", "label": 0}, {"prompt": "Q2", "completion": "lonely", "label": 1},
+            {"prompt": "Q3", "completion": "?", "label": "maybe"}]
+    fmt, pairs, ratings, drops = judgements(tmp_path, rows)
+    assert fmt == "ratings" and drops == Counter({"bad_label": 1})
+    kto = kto_rows(pairs, ratings)
+    assert [(r["completion"][0]["content"], r["label"]) for r in kto] == [("good", True), ("bad", False),
+                                                                          ("bad2", False), ("lonely", True)]
+    assert kto[0]["prompt"] == [{"role": "user", "content": "Q1"}] and kto[0]["completion"][0]["role"] == "assistant"
+    unpaired = Counter()
+    dpo = dpo_rows(pairs, ratings, unpaired)
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in dpo] == [("good", "bad"), ("good", "bad2")]
+    assert unpaired == Counter({"unpaired": 1})  # Q2 has no undesirable reply to pair with
+
+
+def test_feedback_records_latest_rating_wins_and_null_withdraws(tmp_path):
+    m = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    rows = [{"messages": m, "reply": "A", "rating": "up", "timestamp": "2026-01-01T00:00:01Z"},
+            {"messages": m, "reply": "A", "rating": "down", "timestamp": "2026-01-01T00:00:02Z"},   # replaces up
+            {"messages": m, "reply": "B", "rating": "retried", "timestamp": "2026-01-01T00:00:03Z"},
+            {"messages": m, "reply": "C", "rating": "kept", "timestamp": "2026-01-01T00:00:04Z"},
+            {"messages": m, "reply": "D", "rating": "up", "timestamp": "2026-01-01T00:00:05Z"},
+            {"messages": m, "reply": "D", "rating": None, "timestamp": "2026-01-01T00:00:06Z"},     # withdrawn
+            {"messages": m, "reply": "E", "rating": "meh"},
+            {"messages": [{"role": "assistant", "content": "x"}], "reply": "F", "rating": "up"}]
+    fmt, pairs, ratings, drops = judgements(tmp_path, rows)
+    assert fmt == "feedback" and detect_preference_format(rows) == "feedback"
+    assert sorted((r["completion"], r["label"]) for r in ratings) == [("A", False), ("B", False), ("C", True)]
+    assert drops["bad_label"] == 1 and drops["not_starting_with_user"] == 1 and drops["withdrawn"] == 3
+    dpo = dpo_rows(pairs, ratings)
+    assert sorted((r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in dpo) == [("C", "A"), ("C", "B")]
+    assert dpo[0]["prompt"] == m
+
+
+def test_prompts_are_held_out_whole(tmp_path):
+    rows = []
+    for i in range(40):
+        m = [{"role": "user", "content": f"question {i}"}]
+        rows += [{"messages": m, "reply": f"good {i}", "rating": "up"}, {"messages": m, "reply": f"bad {i}", "rating": "down"}]
+    cfg = DataConfig(sources=[SourceConfig(path=str(write_jsonl(tmp_path / "f.jsonl", rows)))], validation_fraction=0.25)
+    for objective in ("kto", "dpo"):
+        data = prepare_preference_data(cfg, objective, log=None)
+        train_prompts = {json.dumps(r["prompt"]) for r in data.train}
+        held_prompts = {json.dumps(r["prompt"]) for r in data.validation}
+        assert len(held_prompts) == 10 and not train_prompts & held_prompts
+        assert len(heldout_pairs(data.validation)) == 10
+        assert len(data.train) == (60 if objective == "kto" else 30)
+
+
+# ---------------------------------------------------------------- the loop on a tiny model
+
+def space_records(folder: Path, n: int, seed: int) -> list[dict]:
+    """Ratings made through the Space's own feedback code: thumbs on some turns, a retry then a kept reply on
+    others. Liked replies answer ("Sure: ..."), disliked ones refuse."""
+    from chatbot.backends.mock import MockBackend
+    from chatbot.feedback import FeedbackCollector, FeedbackLog
+    from chatbot.settings import load_settings
+
+    settings = load_settings({"CHATBOT_BACKEND": "mock", "CHATBOT_FEEDBACK_DIR": str(folder)})
+    log = FeedbackLog(folder)
+    collector = FeedbackCollector(log, settings, MockBackend(settings))
+    rng = random.Random(seed)
+    page = {"system_prompt": "", "temperature": 0.2, "top_p": 0.9, "max_new_tokens": 64}
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        question = f"Tell me about {topic} (#{i})."
+        good, bad = f"Sure: {topic} are nice, number {i}.", f"No. I refuse to talk about {topic}."
+        msg = lambda role, text: {"role": role, "content": [{"type": "text", "text": text}]}  # noqa: E731
+        session = SimpleNamespace(session_hash=f"visitor-{i}")
+        if rng.random() < 0.5:
+            for reply, liked in ((good, True), (bad, False)):
+                collector.on_like([msg("user", question), msg("assistant", reply)], page,
+                                  SimpleNamespace(index=1, liked=liked), session)
+        else:
+            collector.on_retry([msg("user", question), msg("assistant", bad)], page, SimpleNamespace(index=0), session)
+            collector.on_submit([msg("user", question), msg("assistant", good)], page, session)
+    return [json.loads(line) for line in log.path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    """tiny-llama with its embeddings scaled up 8x, so LoRA can move its logits (see tests/test_finetune.py)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.shapes import build_random_model
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    model = build_random_model("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("tiny-llama-scaled")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("space-feedback")
+    records = space_records(folder, 48, seed=0)
+    assert {r["rating"] for r in records} == {"up", "down", "retried", "kept"}
+    return folder
+
+
+def preference_cfg(records_dir, model_dir, out: Path, objective: str) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.sources = [SourceConfig(path=str(next(records_dir.glob("*.jsonl"))), format="feedback")]
+    cfg.data.validation_fraction = 0.25
+    return apply_overrides(cfg, {
+        "model.name_or_path": str(model_dir), "model.mode": "fp32", "model.gradient_checkpointing": False,
+        "lora.r": 8, "lora.alpha": 16, "train.output_dir": str(out), "train.max_length": 128,
+        "train.objective": objective, "train.beta": 0.1, "train.max_steps": 24,
+        "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
+        "train.learning_rate": 1e-2, "train.warmup_ratio": 0.0, "train.logging_steps": 4, "train.eval_steps": 12,
+        "train.save_steps": 100, "train.report_to": "none", "train.optim": "adamw_torch",
+        "export.merged_dtype": "float32", "export.gguf": True, "export.gguf_quants": ["f16"]})
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, records_dir, tiny_model_dir, tmp_path):
+    import llama_cpp
+
+    from training.data.preference import prepare_preference_data as prepare
+    from training.evaluate import load_for_loss
+    from training.finetune import run
+    from training.preference_rate import preference_rate
+
+    cfg = preference_cfg(records_dir, tiny_model_dir, tmp_path / objective, objective)
+    summary = run(cfg)
+    out = Path(cfg.train.output_dir)
+    pairs = heldout_pairs(prepare(cfg.data, objective, log=None).validation)
+    assert len(pairs) == 12
+    before = preference_rate(*load_for_loss(tiny_model_dir), pairs, max_length=128)
+    after = preference_rate(*load_for_loss(out / "merged"), pairs, max_length=128)
+    assert after["pairs"] == before["pairs"] == 12
+    assert after["preference_rate"] > before["preference_rate"] and after["mean_margin"] > before["mean_margin"]
+    assert summary["steps"] == 24 and summary["final_eval_loss"] is not None
+    # The adapter holds the trained weights only (TRL's frozen reference copy is gone) and merges as for SFT.
+    assert not (out / "adapter" / "ref").exists()
+    (gguf,) = sorted((out / "gguf").glob("*.gguf"))
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=1, verbose=False)
+    assert llm.metadata.get("tokenizer.chat_template")

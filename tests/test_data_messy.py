@@ -10,41 +10,15 @@ import pytest
 
 from training import data as D
 from training.chat_format import IGNORE_INDEX, encode_conversation
-from training.data import DataConfig, DataError, SourceConfig, prepare_data
+from training.data import DataError
+
+from data_fixtures import A, S, U, prep, write_jsonl
 
 MAX_LENGTH = 128
 
 
 def T(who, text):
     return {"from": who, "value": text}
-
-
-def U(text):
-    return {"role": "user", "content": text}
-
-
-def A(text):
-    return {"role": "assistant", "content": text}
-
-
-def S(text):
-    return {"role": "system", "content": text}
-
-
-def write_jsonl(path: Path, rows, raw_lines=()) -> Path:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        for line in raw_lines:
-            f.write(line + "\n")
-    return path
-
-
-def prep(path, tokenizer=None, max_length=None, fmt="auto", repair=True, **cfg):
-    cfg.setdefault("dedup", False)
-    cfg.setdefault("validation_fraction", 0.0)
-    return prepare_data(DataConfig(sources=[SourceConfig(path=str(path), format=fmt, repair=repair)], **cfg),
-                        tokenizer=tokenizer, log=None, max_length=max_length)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +231,7 @@ def test_first_bytes_decide_between_json_and_json_lines(tmp_path):
     rows = [{"conversations": [T("human", f"Q{i}"), T("gpt", "A")]} for i in range(3)]
     array_named_jsonl = tmp_path / "array.jsonl"
     array_named_jsonl.write_text(json.dumps(rows, indent=2))
-    lines_named_json = write_jsonl(tmp_path / "lines.json", rows)
+    lines_named_json = Path(write_jsonl(tmp_path / "lines.json", rows))
     for path in (array_named_jsonl, lines_named_json):
         rep = prep(path).report.sources[0]
         assert (rep.rows, rep.valid, rep.dropped) == (3, 3, {}), path.name

@@ -255,7 +255,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     # 2. Data: normalised messages, cleaned, mixed and split by training.data; then masked tensors.
     #    dpo/kto: prompts with rated replies (training.data.preference), tokenised by TRL's trainer itself.
     if cfg.train.objective == "sft":
-        data = prepare_data(cfg.data, tokenizer=tokenizer, log=log)
+        data = prepare_data(cfg.data, tokenizer=tokenizer, log=log, max_length=cfg.train.max_length)
         train_rows, train_drop = tokenize_rows(data.train, tokenizer, cfg.train.max_length)
         eval_rows, eval_drop = tokenize_rows(data.validation, tokenizer, cfg.train.max_length)
     else:

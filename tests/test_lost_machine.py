@@ -287,7 +287,10 @@ def test_checkpoint_pushes_run_in_the_background_from_finished_folders(tmp_path,
     assert {f.split("/")[1] for f in hub.files("dan/run")} == {"checkpoint-40", "checkpoint-60"}
     assert "removed checkpoint-10" in lines[-1]
 
-    # A fresh run (no --resume) replaces checkpoints newer than its own, left by an earlier run.
+    # A fresh run (no --resume) is warned, and replaces the checkpoints newer than its own left by an earlier run.
+    pusher.on_train_begin(SimpleNamespace(output_dir=str(out / "again")),
+                          SimpleNamespace(global_step=0, is_world_process_zero=True), None)
+    assert "holds checkpoint-60 of an earlier run" in lines[-1] and "add --resume" in lines[-1]
     _save(pusher, out / "again", 5)
     assert pusher.wait(30)
     assert {f.split("/")[1] for f in hub.files("dan/run")} == {"checkpoint-5"}

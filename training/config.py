@@ -62,9 +62,10 @@ class TrainSection:
     eval_steps: int = 250              # eval loss on the validation split every N steps (0 = only at the end)
     save_steps: int = 1250             # checkpoint every N steps
     save_total_limit: int | None = 3
+    save_minutes: float | None = None  # also checkpoint every N minutes of wall time, whichever comes first
     seed: int = 42
     report_to: str = "auto"            # auto (tensorboard/wandb when installed) | none | tensorboard | wandb | a,b
-    resume: bool = False               # continue from the newest OUT/checkpoint-N
+    resume: bool = False               # continue from the newest checkpoint: OUT/checkpoint-N, else the Hub repo's
     packing: bool = False              # padding-free batches (position_ids) instead of padding
     use_liger: bool = False            # Liger fused kernels / linear+cross-entropy (CUDA, liger-kernel)
     dataloader_num_workers: int = 0
@@ -218,6 +219,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         section, leaf = name.split(".")
         if getattr(getattr(cfg, section), leaf) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(getattr(cfg, section), leaf)!r}")
+    if cfg.train.save_minutes is not None and cfg.train.save_minutes <= 0:
+        raise ConfigError(f"train.save_minutes must be > 0 (or none), got {cfg.train.save_minutes!r}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio!r}")
     return cfg
@@ -294,7 +297,7 @@ def help_text() -> str:
     lines = ["usage: python training/finetune.py --config RECIPE.yaml [--section.option VALUE ...]",
              "",
              "  --config PATH           YAML recipe (training/configs/*.yaml); options below override it",
-             "  --resume                continue from the newest checkpoint in train.output_dir",
+             "  --resume                continue from the newest checkpoint in train.output_dir or hub.push_to_hub",
              "  --push-to-hub USER/NAME upload adapter, merged model, GGUF and model card (token: HF_TOKEN)",
              "  --push-checkpoints      also upload every checkpoint as it is saved",
              "",

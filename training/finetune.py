@@ -233,10 +233,13 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     from training.data.preference import prepare_preference_data
     from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, \
         merge_adapter, resolve_mode
+    from training.preemption import SaveOnPreemption
+    from training.resume import RunRecord, find_resume_point
     from training.preference import build_preference_trainer, drop_reference_adapter
 
     started = time.time()
     out = Path(cfg.train.output_dir)
+    resume_point = find_resume_point(cfg, log) if cfg.train.resume else None  # local or Hub; checked, nothing written
     out.mkdir(parents=True, exist_ok=True)
     _resolve_sources(cfg)
     save_config(cfg, out / "config.yaml")
@@ -279,23 +282,25 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     if cfg.hub.push_checkpoints and cfg.hub.push_to_hub:
         from training.hub import CheckpointPusher
 
-        callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private))
+        callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private,
+                                          keep=cfg.train.save_total_limit, log=log))
+    record = RunRecord.for_run(cfg, resume_point)  # recipe + interruptions so far, kept in every checkpoint
+    preemption = SaveOnPreemption(cfg.train.save_minutes, log=log)  # SIGTERM/SIGINT, train.save_minutes
+    callbacks += [record, preemption]
     if cfg.train.objective == "sft":
         trainer = build_trainer(cfg, mode, model, tokenizer, train_rows, eval_rows, callbacks)
     else:
         trainer = build_preference_trainer(cfg, training_arguments(cfg, mode, has_eval=bool(eval_rows)), model,
                                            tokenizer, train_rows, eval_rows, callbacks)
-    resume_from = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if cfg.train.resume:
-        log(f"resuming from {resume_from}" if resume_from else "--resume: no checkpoint in output_dir, starting")
-    elif resume_from:
-        log(f"{out} already has {Path(resume_from).name}; starting over (pass --resume to continue it)")
-        resume_from = None
+    resume_from = str(resume_point.path) if resume_point else None
+    if not cfg.train.resume and (last := get_last_checkpoint(str(out))):
+        log(f"{out} already has {Path(last).name}; starting over (pass --resume to continue it)")
     tokens_before = 0
     if resume_from:
         state = json.loads((Path(resume_from) / "trainer_state.json").read_text())
         tokens_before = state.get("num_input_tokens_seen", 0)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    preemption.exit_if_interrupted()  # a signal stopped it: the checkpoint is saved (and pushed); exit 143/130
     final_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
     if eval_rows and final_eval.get("step") != trainer.state.global_step:
         final_eval = trainer.evaluate()  # the last periodic eval was before the final step
@@ -335,6 +340,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "mode": mode,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "resumed_from": Path(resume_from).name if resume_from else None,
+        "interruptions": record.interruptions,  # [{step, checkpoint, from: local | Hub repo}], oldest first
         "processes": trainer_world_size,
         "gguf_files": [f.name for f in gguf_files],
         "config": config_to_dict(cfg),
@@ -359,10 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = parse_config(None if argv is None else list(argv))
+        run(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(cfg)
     return 0
 
 

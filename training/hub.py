@@ -188,6 +188,18 @@ class CheckpointPusher(_checkpoint_pusher_base()):
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or state.global_step > 0:  # resumed: the repo's checkpoints are ours
+            return
+        shutil.rmtree(Path(args.output_dir) / ".hub-push", ignore_errors=True)  # left by a killed run
+        try:
+            earlier = hub_checkpoint_steps(self.api, self.repo_id)
+        except Exception:  # only a warning depends on it
+            return
+        if earlier:
+            self.log(f"the Hub repo {self.repo_id} holds checkpoint-{earlier[-1]} of an earlier run; this run starts "
+                     "over and its first checkpoint push removes it (stop now and add --resume to continue it)")
+
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return

@@ -1,0 +1,33 @@
+"""Peak memory of this process: resident RAM (RSS) and CUDA memory allocated by torch."""
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since its exec (VmHWM). ru_maxrss would not do: Linux carries it over
+    from the parent across fork+exec, so a child of a big process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def peak_cuda_allocated_bytes() -> int:
+    """Peak CUDA memory allocated by torch's caching allocator in this process (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    """(GiB, "VRAM") for a CUDA process, else (GiB, "RSS"): the memory that limits a training run there."""
+    import torch
+
+    if torch.cuda.is_available():
+        return peak_cuda_allocated_bytes() / 2**30, "VRAM"
+    return peak_rss_bytes() / 2**30, "RSS"

@@ -74,7 +74,9 @@ def prompt_ids(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
 # ---------------------------------------------------------------- tokenizer preparation
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")  # a template's turn closer becomes EOS
+# Tokens that end an assistant turn in common chat templates, most common first. A template's turn closer becomes
+# EOS (prepare_tokenizer); the GGUF export names one as the end-of-turn token, where llama.cpp stops.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|endofturn|>")
 
 
 def _named_template(name: str) -> str:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.chat_format import END_OF_TURN
+
 log = logging.getLogger(__name__)
 
 # HF model_type -> gguf MODEL_ARCH member name. Mistral and TinyLlama are Llama to llama.cpp; DialoGPT is GPT-2.
@@ -58,8 +60,6 @@ _CHKHSH = {
 _LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
-# Tokens that end an assistant turn in common chat templates; llama.cpp stops on any of them it is told of.
-_EOT_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|endofturn|>")
 _EOM_NAMES = ("<|eom_id|>",)
 
 
@@ -402,7 +402,7 @@ def _add_vocab(writer, model_dir: Path, config: dict) -> dict:
     vocab = tok.get_vocab()
     eot = _turn_end_token(tok)
     if eot is None:
-        eot = next((vocab[t] for t in _EOT_NAMES if t in vocab), None)
+        eot = next((vocab[t] for t in END_OF_TURN if t in vocab), None)
     if eot is not None:
         writer.add_eot_token_id(eot)
     eom = next((vocab[t] for t in _EOM_NAMES if t in vocab), None)

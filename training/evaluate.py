@@ -3,28 +3,16 @@
     python training/evaluate.py --model base=embedded --model tuned=runs/smollm2-cpu \
         --data training/configs/smollm2-135m-cpu.yaml --out runs/eval
 
-A model (NAME=SPEC) is `embedded` (the Space's SmolLM2 GGUF), a fine-tuning run dir (OUT/merged for the loss,
-OUT/gguf/*.gguf for serving), an HF model dir or Hub id, or a .gguf file. For each it reports:
-
-* held-out loss and perplexity on assistant tokens only, masked by training.chat_format exactly as in training:
-  perplexity = exp(total NLL of the masked tokens / number of masked tokens), pooled over all held-out rows;
-* generation checks on a fixed prompt set (training/samples/eval_prompts.jsonl): share of answers that stop by
-  themselves, mean length, distinct-1/2 (repetition), and optionally a pairwise judge (off by default);
-* CPU serving cost through the Space's own backends (chatbot.backends): time to first token, decode tokens/s and
-  peak RSS, each GGUF (and the transformers backend with --transformers-speed) in a fresh process.
-
---data takes a data file, a recipe YAML or a run dir (then the recipe's own seeded validation split is used, the
-same rows finetune.py evaluated on). Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png and the
-held-out rows used (OUT/heldout.jsonl).
+Per model (NAME=SPEC: `embedded`, a finetune.py run dir, an HF dir or Hub id, or a .gguf): held-out loss
+(training.heldout), answers to a prompt set with stop rate and repetition, and serving cost through the Space's own
+backends, each in a fresh process. Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png, OUT/heldout.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,9 +25,14 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from training.data import DataError
+from training.eval_report import append_to_model_card, plot_quality_vs_speed, results_markdown
+from training.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
+from training.judge import make_judge, pairwise_win_rate
+from training.paths import REPO_ROOT
+from training.peak_memory import peak_rss_bytes
+
 DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
-CARD_BEGIN, CARD_END = "<!-- evaluate.py results begin -->", "<!-- evaluate.py results end -->"
 
 
 class EvalError(ValueError):
@@ -137,40 +130,27 @@ def select_quants(spec: ModelSpec, quants: Sequence[str], work_dir: Path) -> Non
 # ---------------------------------------------------------------- held-out data
 
 def load_heldout(data: str, max_rows: int | None = None) -> tuple[list[dict], str]:
-    """(conversations, description). A recipe or run dir gives its validation split, computed as finetune.py does."""
+    """(conversations, description). A recipe or run dir gives the rows finetune.py held out for it."""
     path = Path(data).expanduser()
     recipe = None
     if path.is_dir() and (path / "config.yaml").is_file() and not (path / "dataset_dict.json").exists():
         recipe = path / "config.yaml"
     elif path.suffix in (".yaml", ".yml"):
         recipe = path
-    if recipe is not None:
-        from training.config import load_config
-        from training.data import prepare_data
-        from training.finetune import _resolve_sources
+    try:
+        if recipe is not None:
+            from training.config import load_config
 
-        cfg = load_config(recipe)
-        _resolve_sources(cfg)
-        # Only the split matters here; token-length filters act on training rows and would need a tokenizer.
-        cfg.data.min_tokens = cfg.data.max_tokens = None
-        rows = prepare_data(cfg.data, tokenizer=None, log=None).validation
-        what = f"validation split of {recipe}"
-        if not rows:
-            raise EvalError(f"--data {data!r}: the recipe's data gives no validation rows; accepted: a recipe with "
-                            "data.validation_fraction > 0 or data.validation_path, or a data file")
-    else:
-        from training.data import DataError, load_conversations
+            rows, what = recipe_heldout_rows(load_config(recipe), max_rows), f"validation split of {recipe}"
+        else:
+            from training.data import load_conversations
 
-        try:
-            rows = load_conversations(str(path))
-        except DataError as exc:
-            raise EvalError(f"--data {data!r}: {exc}") from None
-        what = str(path)
-        if not rows:
-            raise EvalError(f"--data {data!r} has no valid conversation; accepted: a .jsonl/.json/.csv/.parquet file "
-                            "of conversations with assistant turns, a recipe YAML or a run dir")
-    if max_rows is not None:
-        rows = rows[:max_rows]
+            rows, what = load_conversations(str(path))[:max_rows], str(path)
+    except DataError as exc:
+        raise EvalError(f"--data {data!r}: {exc}") from None
+    if not rows:
+        raise EvalError(f"--data {data!r} has no valid conversation; accepted: a .jsonl/.json/.csv/.parquet file "
+                        "of conversations with assistant turns, a recipe YAML or a run dir")
     return rows, what
 
 
@@ -198,78 +178,6 @@ def load_prompts(path: str | Path) -> list[list[dict]]:
     return out
 
 
-# ---------------------------------------------------------------- held-out loss
-
-def load_for_loss(source: str | Path, chat_template: str | None = None):
-    """(model, tokenizer) in fp32 on CPU; a .gguf is dequantised by transformers. The tokenizer is prepared as
-    finetune.py prepares it, so the masking matches training token for token."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.chat_format import prepare_tokenizer
-
-    source = Path(source) if Path(str(source)).exists() else source
-    kwargs: dict[str, Any] = {}
-    if isinstance(source, Path) and source.is_file():
-        source, kwargs = source.parent, {"gguf_file": source.name}
-    tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, **kwargs).eval()
-    if prepare_tokenizer(tokenizer, chat_template) and len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))  # a pad token only: never a label, never attended to
-    return model, tokenizer
-
-
-def heldout_loss(model, tokenizer, conversations: Sequence[dict], max_length: int = 2048,
-                 batch_tokens: int = 4096) -> dict[str, Any]:
-    """Loss on the assistant tokens of held-out conversations, masked by training.chat_format.encode_conversation.
-
-    loss = total NLL of every masked (label != -100) next-token prediction / number of such tokens, pooled over
-    all rows (long answers weigh more, as in training); perplexity = exp(loss).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from training.chat_format import IGNORE_INDEX, encode_conversation
-
-    encoded, skipped = [], 0
-    for row in conversations:
-        try:
-            ex = encode_conversation(tokenizer, row["messages"], max_length)
-        except Exception:  # a row this template rejects is skipped and counted, as in finetune.py
-            ex = None
-        if ex is None:
-            skipped += 1
-        else:
-            encoded.append(ex)
-    if not encoded:
-        raise EvalError("--data: no held-out row has an assistant token after the chat template; accepted: "
-                        "conversations that end with an assistant turn")
-    encoded.sort(key=lambda e: len(e["input_ids"]))
-    total_nll, n_tokens, i = 0.0, 0, 0
-    with torch.inference_mode():
-        while i < len(encoded):
-            # Rows of similar length together, at most batch_tokens padded tokens per forward pass.
-            width = len(encoded[i]["input_ids"])
-            j = i + 1
-            while j < len(encoded) and len(encoded[j]["input_ids"]) * (j + 1 - i) <= batch_tokens:
-                j += 1
-            batch = encoded[i:j]
-            width = max(len(e["input_ids"]) for e in batch)
-            pad = lambda seq, v: seq + [v] * (width - len(seq))  # noqa: E731
-            ids = torch.tensor([pad(e["input_ids"], 0) for e in batch])
-            mask = torch.tensor([pad(e["attention_mask"], 0) for e in batch])
-            labels = torch.tensor([pad(e["labels"], IGNORE_INDEX) for e in batch])
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            shifted = labels[:, 1:]
-            total_nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                         ignore_index=IGNORE_INDEX, reduction="sum").item()
-            n_tokens += int((shifted != IGNORE_INDEX).sum())
-            i = j
-    loss = total_nll / n_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": n_tokens, "rows": len(encoded),
-            "skipped_rows": skipped}
-
-
 # ---------------------------------------------------------------- generation checks
 
 def distinct_n(text: str, n: int) -> float | None:
@@ -295,22 +203,11 @@ def generation_metrics(answers: Sequence[dict]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- serving cost (one fresh process per model)
 
-def peak_rss_mib() -> float:
-    """Peak RSS of this process since its exec (VmHWM). ru_maxrss would not do: Linux carries it over from the
-    parent across fork+exec, so a child of a big evaluate.py process would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def _serve_worker(job: dict) -> dict:
     """Runs in its own process: load the model with the Space's backend code, answer every prompt, time it."""
     from chatbot.backends import GenerationParams, load_backend
     from chatbot.settings import load_settings
+    from chatbot.timing import ReplyClock
 
     env = {"CHATBOT_BACKEND": job["backend"], "CHATBOT_MODEL": job["model"], "CHATBOT_THREADS": str(job["threads"]),
            "CHATBOT_N_CTX": str(job["n_ctx"]), "CHATBOT_MAX_NEW_TOKENS": str(job["max_new_tokens"])}
@@ -324,27 +221,22 @@ def _serve_worker(job: dict) -> dict:
         pass  # warm-up: first-call allocations are not what a user waits for
     answers, ttfts, decode_tokens, decode_s = [], [], 0, 0.0
     for messages in job["prompts"]:
-        text, tokens, finish, first, last = [], 0, None, None, None
-        t0 = time.perf_counter()
+        text, finish, clock = [], None, ReplyClock()
         for chunk in backend.stream(messages, params):
-            now = time.perf_counter()
-            if chunk.text:
-                text.append(chunk.text)
-                first = first or now
-                last = now
-            tokens += chunk.tokens
+            clock.add(chunk.text, chunk.tokens)
+            text.append(chunk.text)
             finish = chunk.finish_reason or finish
-        if first is not None:
-            ttfts.append(first - t0)
-            if tokens > 1 and last > first:  # tokens after the first, over the time they took
-                decode_tokens += tokens - 1
-                decode_s += last - first
+        if clock.ttft is not None:
+            ttfts.append(clock.ttft)
+            if clock.decode_tps is not None:  # pooled: tokens after the first, over the time they took
+                decode_tokens += clock.tokens - clock.tokens_at_first
+                decode_s += clock.decode_s
         answers.append({"prompt": messages[-1]["content"], "text": "".join(text), "finish_reason": finish,
-                        "tokens": tokens})
+                        "tokens": clock.tokens})
     return {"answers": answers, "load_s": load_s,
             "ttft_s": statistics.median(ttfts) if ttfts else None,
             "decode_tps": decode_tokens / decode_s if decode_s else None,
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_bytes() / 2**20}
 
 
 def measure_serving(backend: str, model: str, prompts: list[list[dict]], *, max_new_tokens: int = 200,
@@ -363,54 +255,6 @@ def measure_serving(backend: str, model: str, prompts: list[list[dict]], *, max_
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"{backend} serving {model} failed (exit {proc.returncode}): {tail[0]}")
         return json.loads(out_file.read_text())
-
-
-# ---------------------------------------------------------------- pairwise judge (optional)
-
-JUDGE_SYSTEM = "You are a strict, impartial judge of chatbot answers."
-JUDGE_PROMPT = ("Question:\n{question}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}\n\nWhich answer is more helpful, correct "
-                "and concise? Reply with one letter only: A, B, or T for a tie.")
-
-
-def make_judge(url: str | None = None, gguf: str | None = None, judge_model: str | None = None,
-               threads: int = 2) -> Callable[[list[dict]], str] | None:
-    """messages -> reply text, through the Space's openai or llama_cpp backend; None when no judge is asked."""
-    if not url and not gguf:
-        return None
-    from chatbot.backends import GenerationParams, load_backend
-    from chatbot.settings import ConfigError, load_settings
-
-    env = {"CHATBOT_BACKEND": "openai", "CHATBOT_OPENAI_BASE_URL": url} if url else \
-        {"CHATBOT_BACKEND": "llama_cpp", "CHATBOT_MODEL": gguf, "CHATBOT_THREADS": str(threads)}
-    if judge_model and url:
-        env["CHATBOT_MODEL"] = judge_model
-    if os.environ.get("OPENAI_API_KEY"):
-        env["OPENAI_API_KEY"] = os.environ["OPENAI_API_KEY"]
-    try:
-        backend = load_backend(load_settings(env))
-    except ConfigError as exc:
-        raise EvalError(f"{'--judge-url' if url else '--judge-gguf'}: {exc}") from None
-    params = GenerationParams(max_new_tokens=8, temperature=0.0, seed=0)
-    return lambda messages: "".join(c.text for c in backend.stream(messages, params))
-
-
-def judge_verdict(judge: Callable[[list[dict]], str], question: str, a: str, b: str) -> str:
-    """'A', 'B' or 'T' (a tie, or a reply that names neither)."""
-    reply = judge([{"role": "system", "content": JUDGE_SYSTEM},
-                   {"role": "user", "content": JUDGE_PROMPT.format(question=question, a=a, b=b)}])
-    m = re.search(r"\b([ABT])\b", reply.strip().upper())
-    return m.group(1) if m else "T"
-
-
-def pairwise_win_rate(judge: Callable[[list[dict]], str], reference: Sequence[dict], candidate: Sequence[dict]) -> float:
-    """Share of prompts where the candidate's answer beats the reference's (ties count half). Every pair is judged
-    in both orders, so a judge that always prefers the first (or second) answer scores 0.5."""
-    score = 0.0
-    for ref, cand in zip(reference, candidate):
-        first = judge_verdict(judge, cand["prompt"], cand["text"], ref["text"])   # candidate is A
-        second = judge_verdict(judge, cand["prompt"], ref["text"], cand["text"])  # candidate is B
-        score += {"A": 1.0, "B": 0.0}.get(first, 0.5) + {"B": 1.0, "A": 0.0}.get(second, 0.5)
-    return score / (2 * len(reference)) if reference else float("nan")
 
 
 # ---------------------------------------------------------------- the comparison
@@ -454,8 +298,8 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
                     model, tok = load_for_loss(v["loss_from"], chat_template)
                     row.update(heldout_loss(model, tok, rows_data, max_length))
                     del model
-                except EvalError:
-                    raise
+                except DataError as exc:
+                    raise EvalError(f"--data: {exc}") from None
                 except Exception as exc:  # one model that transformers cannot load must not sink the table
                     row["loss_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                     log(f"{spec.name}/{v['variant']}: loss failed: {row['loss_error']}")
@@ -502,100 +346,6 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
     return results
 
 
-# ---------------------------------------------------------------- outputs
-
-COLUMNS = [("model", "model", "{}"), ("variant", "variant", "{}"), ("loss", "held-out loss", "{:.4f}"),
-           ("perplexity", "ppl", "{:.2f}"), ("stop_rate", "stops", "{:.0%}"),
-           ("mean_new_tokens", "mean tokens", "{:.0f}"), ("distinct_1", "distinct-1", "{:.2f}"),
-           ("distinct_2", "distinct-2", "{:.2f}"), ("ttft_s", "TTFT s", "{:.2f}"),
-           ("decode_tps", "decode tok/s", "{:.1f}"), ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
-           ("size_mib", "file MiB", "{:.0f}"), ("judge_win_rate", "judge win", "{:.0%}")]
-
-
-def results_markdown(results: dict) -> str:
-    """The comparison as a markdown table (columns with no figure are left out), and how each model compares
-    with the first on held-out loss."""
-    rows = results["rows"]
-    cols = [c for c in COLUMNS if c[0] in ("model", "variant") or any(r.get(c[0]) is not None for r in rows)]
-    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    data = results.get("data") or {}
-    lines += ["", f"Held-out: {data.get('rows')} conversations ({data.get('source')}); loss = mean NLL per assistant "
-              "token (the training mask), ppl = exp(loss). Speed: the Space's backend on "
-              f"{(results.get('generation') or {}).get('threads')} CPU thread(s), median time to first token, decode "
-              "tok/s = tokens after the first / their time; peak RSS of a fresh process serving that file alone."]
-    best = {}
-    for r in rows:
-        if r.get("loss") is not None:
-            best.setdefault(r["model"], r["loss"])
-    if len(best) > 1:
-        ref_name, ref = next(iter(best.items()))
-        for name, loss in list(best.items())[1:]:
-            verdict = "lower (better)" if loss < ref else "higher (worse)" if loss > ref else "equal"
-            lines.append(f"- {name} vs {ref_name}: held-out loss {loss:.4f} vs {ref:.4f}, "
-                         f"{100 * (loss - ref) / ref:+.1f}% - {verdict}")
-    return "\n".join(lines)
-
-
-def plot_quality_vs_speed(results: dict, path: Path) -> Path:
-    """Held-out loss (lower is better) against decode tokens/s (higher is better): the best trade-off is
-    bottom right. A variant with no loss of its own uses its model's HF loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model_loss: dict[str, float] = {}
-    for r in results["rows"]:
-        if r.get("loss") is not None:
-            model_loss.setdefault(r["model"], r["loss"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = [(r, r.get("loss", model_loss.get(r["model"]))) for r in results["rows"]]
-    speed = [(r, y) for r, y in points if r.get("decode_tps") and y is not None]
-    if speed:
-        for r, y in speed:
-            ax.scatter(r["decode_tps"], y, s=40)
-            ax.annotate(f"{r['model']}/{r['variant']}", (r["decode_tps"], y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
-        unserved = [r for r in results["rows"] if r.get("loss") is not None and not r.get("decode_tps")]
-        for r in unserved:  # e.g. the merged HF model: its quality as a reference line for its GGUFs
-            ax.axhline(r["loss"], linestyle="--", linewidth=1, color="grey")
-            ax.annotate(f"{r['model']}/{r['variant']} (not served)", (0, r["loss"]), xycoords=("axes fraction", "data"),
-                        xytext=(4, 3), textcoords="offset points", fontsize=8, color="grey")
-        ax.set_xlabel("decode tokens/s (CPU, the Space's backend)")
-    else:  # no serving figures: the losses alone
-        losses = [(f"{r['model']}/{r['variant']}", y) for r, y in points if y is not None]
-        ax.bar([n for n, _ in losses], [y for _, y in losses])
-        ax.set_xlabel("model")
-    ax.set_ylabel("held-out loss (assistant tokens)")
-    ax.set_title("Quality vs CPU speed (better: lower, further right)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def append_to_model_card(card: str | Path, results: dict | str | Path, title: str = "Evaluation") -> Path:
-    """Add (or replace) the results table in a model card README.md; `results` is the dict, results.json or its dir.
-    Idempotent: a second call replaces the section between the markers instead of adding another."""
-    if not isinstance(results, dict):
-        p = Path(results)
-        results = json.loads((p / "results.json" if p.is_dir() else p).read_text())
-    card = Path(card)
-    text = card.read_text() if card.is_file() else ""
-    section = f"{CARD_BEGIN}\n## {title}\n\n{results_markdown(results)}\n{CARD_END}"
-    if CARD_BEGIN in text and CARD_END in text:
-        head, rest = text.split(CARD_BEGIN, 1)
-        text = head + section + rest.split(CARD_END, 1)[1]
-    else:
-        text = text.rstrip() + ("\n\n" if text.strip() else "") + section + "\n"
-    card.write_text(text)
-    return card
-
-
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
@@ -629,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from chatbot.settings import ConfigError as ChatbotConfigError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve-worker"]:
         job = json.loads(Path(argv[1]).read_text())
@@ -643,7 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.judge_url and args.judge_gguf:
             raise EvalError("--judge-url and --judge-gguf were both given; accepted: one of them")
         models = [parse_model_arg(a) for group in args.model for a in group]
-        judge = make_judge(args.judge_url, args.judge_gguf, args.judge_model, args.threads)
+        try:
+            judge = make_judge(args.judge_url, args.judge_gguf, args.judge_model, args.threads)
+        except ChatbotConfigError as exc:  # the Space's settings validation, reworded for this tool's options
+            raise EvalError(f"{'--judge-url' if args.judge_url else '--judge-gguf'}: {exc}") from None
         results = evaluate(models, args.data, args.out, prompts=args.prompts, quants=args.quants,
                            quant_loss=not args.no_quant_loss, generation=not args.no_generation,
                            transformers_speed=args.transformers_speed, judge=judge, max_length=args.max_length,

@@ -13,3 +13,14 @@ def resolve_repo_path(path: str | Path) -> Path:
     if not p.exists() and not p.is_absolute() and (REPO_ROOT / p).exists():
         return REPO_ROOT / p
     return p
+
+
+def resolve_recipe_paths(cfg) -> None:
+    """In place: a recipe's data files (`cfg.data.sources`, `cfg.data.validation_path`) become repository paths
+    where that is where they are, so the run's saved config.yaml and model card name real files."""
+    data = cfg.data
+    for src in data.sources:
+        if resolve_repo_path(src.path) != Path(src.path).expanduser():
+            src.path = str(resolve_repo_path(src.path))
+    if data.validation_path and resolve_repo_path(data.validation_path) != Path(data.validation_path).expanduser():
+        data.validation_path = str(resolve_repo_path(data.validation_path))

@@ -1,16 +1,8 @@
-"""Fine-tune a small chat model with (Q)LoRA, from raw data to the files the Space serves.
+"""Fine-tune a small chat model with (Q)LoRA, from raw data to the files the Space serves; reads top to bottom.
 
     python training/finetune.py --config training/configs/smollm2-135m-cpu.yaml [--section.option VALUE ...]
     python training/finetune.py --config ... --resume            # continue from the newest checkpoint
     python training/finetune.py --help                           # every option with its default
-
-Steps, in order: tokenizer + chat template -> data (load, clean, mix, split, report) -> tokenise with loss on
-assistant tokens only -> base model with LoRA (4-bit nf4 on CUDA, bf16, or fp32 on CPU) -> transformers'
-Trainer (eval + checkpoints every N steps) -> adapter -> merged 16-bit model -> GGUF -> summary, loss plot,
-model card -> optional upload. Run dir layout:
-
-    OUT/config.yaml  OUT/data_report.json  OUT/data_lengths.png  OUT/checkpoint-N/  OUT/adapter/
-    OUT/merged/  OUT/gguf/*.gguf  OUT/summary.json  OUT/loss.png  OUT/README.md  (OUT/base/ for a GGUF base)
 
 Works unchanged under `accelerate launch` / `torchrun` (DDP): every rank trains, rank 0 writes the outputs.
 """
@@ -18,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from collections import Counter
@@ -30,8 +21,9 @@ if __package__ in (None, ""):
 
 from training.chat_format import encode_conversation, prepare_tokenizer
 from training.config import TrainConfig, config_to_dict, parse_config, save_config
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from training.paths import resolve_recipe_paths
+from training.peak_memory import peak_memory_gib
+from training.plotting import headless_pyplot
 
 
 def log(msg: str) -> None:
@@ -66,16 +58,6 @@ def make_collator(cfg: TrainConfig, tokenizer):
 
         return make_packing_collator()
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-
-
-def _resolve_sources(cfg: TrainConfig) -> None:
-    """Recipes name repo files relative to the repo root; let them work from any working directory."""
-    for src in cfg.data.sources:
-        if not Path(src.path).exists() and (REPO_ROOT / src.path).exists():
-            src.path = str(REPO_ROOT / src.path)
-    if cfg.data.validation_path and not Path(cfg.data.validation_path).exists() \
-            and (REPO_ROOT / cfg.data.validation_path).exists():
-        cfg.data.validation_path = str(REPO_ROOT / cfg.data.validation_path)
 
 
 # ---------------------------------------------------------------- trainer setup
@@ -142,7 +124,7 @@ def _liger_usable() -> bool:
 
 def build_trainer(cfg: TrainConfig, mode: str, model, tokenizer, train_rows: Sequence[dict],
                   eval_rows: Sequence[dict] = (), callbacks: Sequence[Any] = ()):
-    """The Trainer `run` trains with (training/bench.py times this same object). With `train.packing` the
+    """The Trainer `run` trains with (benchmarks/bench_train.py times this same object). With `train.packing` the
     training rows are first packed into rows of at most train.max_length tokens (TRL's best-fit decreasing)."""
     from datasets import Dataset
     from transformers import Trainer
@@ -165,22 +147,10 @@ def build_trainer(cfg: TrainConfig, mode: str, model, tokenizer, train_rows: Seq
     )
 
 
-def _peak_memory_gb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
 # ---------------------------------------------------------------- outputs
 
 def plot_losses(summary: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in (("train_loss", "train"), ("eval_loss", "eval")):
         points = summary[key]
@@ -241,7 +211,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     out = Path(cfg.train.output_dir)
     resume_point = find_resume_point(cfg, log) if cfg.train.resume else None  # local or Hub; checked, nothing written
     out.mkdir(parents=True, exist_ok=True)
-    _resolve_sources(cfg)
+    resolve_recipe_paths(cfg)
     save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)
     mode = resolve_mode(cfg.model.mode)
@@ -335,7 +305,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "tokens_trained": tokens_seen,
         "tokens_per_second": (tokens_seen - tokens_before) / train_runtime if train_runtime else None,
         "train_runtime_s": train_runtime,
-        "peak_memory_gb": round(_peak_memory_gb(), 3),
+        "peak_memory_gb": round(peak_memory_gib()[0], 3),  # CUDA allocated on a GPU, else RSS
         "wall_time_s": round(time.time() - started, 1),
         "mode": mode,
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -1,8 +1,10 @@
-"""training/sweep.py: a 2x1 grid of real finetune.py runs on a tiny model, ranked by held-out loss on one pinned
-held-out set, and the best recipe written back out for finetune.py."""
+"""training/sweep.py: a 2x1 grid of real finetune.py runs on a tiny model, each in its own process, ranked by held-out
+loss on one pinned held-out set, and the best recipe written back out for finetune.py."""
 from __future__ import annotations
 
 import json
+import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,11 +36,66 @@ def _recipe(tmp_path: Path, model_dir) -> Path:
     return path
 
 
+# What Liger does on a GPU, done by every grid point: replace a class of the modelling module, so that every model
+# built afterwards in that process is different. Each call logs whether an earlier point's patch was still there.
+LEAKY_RUN = textwrap.dedent("""
+    import json, os
+
+    def install(log_path):
+        import transformers.models.llama.modeling_llama as modeling
+        import training.finetune as finetune
+
+        original_run = finetune.run
+
+        def run(cfg, *args, **kwargs):
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "output_dir": cfg.train.output_dir,
+                                    "patched_by": getattr(modeling.LlamaRMSNorm, "patched_by", None)}) + "\\n")
+            modeling.LlamaRMSNorm = type("PatchedRMSNorm", (modeling.LlamaRMSNorm,),
+                                         {"patched_by": cfg.train.output_dir})
+            return original_run(cfg, *args, **kwargs)
+
+        finetune.run = run
+
+    if os.environ.get("LEAKY_RUN_LOG"):
+        install(os.environ["LEAKY_RUN_LOG"])
+""")
+
+
+@pytest.fixture
+def leaky_points(tmp_path, monkeypatch):
+    """Every finetune.run, in this process and in any Python process started from it (sitecustomize), patches a
+    module global and logs what it found; returns the log's path."""
+    import importlib.util
+
+    import training.finetune
+    import transformers.models.llama.modeling_llama as modeling
+
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(LEAKY_RUN)
+    log = tmp_path / "runs.log"
+    monkeypatch.setenv("LEAKY_RUN_LOG", str(log))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(training.finetune, "run", training.finetune.run)  # restored afterwards
+    monkeypatch.setattr(modeling, "LlamaRMSNorm", modeling.LlamaRMSNorm)
+    spec = importlib.util.spec_from_file_location("leaky_run", hook_dir / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # installs the hook here too: a point run in this process would leak
+    return log
+
+
 @pytest.mark.slow
-def test_two_run_sweep_ranks_by_heldout_loss_and_writes_best_recipe(tmp_path, tiny_llama_dir):
+def test_two_run_sweep_ranks_by_heldout_loss_and_writes_best_recipe(tmp_path, tiny_llama_dir, leaky_points):
     recipe = _recipe(tmp_path, tiny_llama_dir)
     out = tmp_path / "sweep"
     results = run_sweep(recipe, parse_grid(["lr=1e-5,1e-2"]), out, max_steps=6)
+
+    # Process isolation: each point ran in its own process and found no other point's patch.
+    calls = [json.loads(line) for line in leaky_points.read_text().splitlines()]
+    assert [c["output_dir"] for c in calls] == [r["output_dir"] for r in results["runs"]]
+    assert len({c["pid"] for c in calls}) == 2 and os.getpid() not in {c["pid"] for c in calls}
+    assert [c["patched_by"] for c in calls] == [None, None]
 
     runs = results["runs"]
     assert len(runs) == 2 and all("error" not in r for r in runs), runs

@@ -3,18 +3,8 @@
     python training/sweep.py --config training/configs/smollm2-135m-cpu.yaml \
         --grid lr=1e-4,2e-4 r=8,16 --max-steps 30 --data-subset 200 --out runs/sweep
 
-    # data ablation: the same recipe over data choices, all scored on the same held-out rows
-    python training/sweep.py --config training/configs/smollm2-135m-cpu.yaml \
-        --grid data.dedup=false,true data.near_dedup=none,0.85 --max-steps 30 --out runs/ablation
-
-Every grid point is a real `training/finetune.py` run (training.finetune.run) of the recipe with the point's
-overrides (any option finetune.py takes: lr, r, alpha, train.*, lora.*, data.*; `none` unsets). Before the first
-run the recipe's held-out rows are computed once and pinned (data.validation_path = OUT/heldout.jsonl), so every
-variant - whatever its data options - is scored on exactly the same rows, by training.evaluate.heldout_loss
-(loss on assistant tokens, the training mask). A GGUF base is converted once (OUT/base) and shared by every run.
-
-Writes OUT/sweep.md (ranked table), OUT/sweep.json, OUT/sweep.png and OUT/best.yaml: the recipe with the best
-point's options (the recipe's own steps and data size, not the sweep's shortened ones), ready for finetune.py.
+Each grid point is a real finetune.py run in its own process (what one run patches, e.g. Liger's kernels, cannot
+leak into the next or into scoring); this process scores every merged model on the same pinned held-out rows.
 """
 from __future__ import annotations
 
@@ -22,7 +12,9 @@ import argparse
 import itertools
 import json
 import re
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +25,9 @@ if __package__ in (None, ""):
 
 from training.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
 from training.data import DataError
+from training.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
+from training.paths import REPO_ROOT
+from training.plotting import headless_pyplot
 
 # Short names people type for the usual sweep knobs; anything else is a finetune.py option name.
 ALIASES = {"lr": "train.learning_rate", "epochs": "train.num_train_epochs", "steps": "train.max_steps",
@@ -70,27 +65,42 @@ def _label(point: dict[str, str]) -> str:
 
 
 def pin_heldout(cfg: TrainConfig, out: Path, max_rows: int | None = None) -> tuple[Path, list[dict]]:
-    """The recipe's held-out rows, computed once and written to OUT/heldout.jsonl (or its validation_path)."""
-    from training.data import load_conversations, prepare_data
-    from training.finetune import _resolve_sources
-
-    _resolve_sources(cfg)
-    if cfg.data.validation_path:
-        rows = load_conversations(cfg.data.validation_path)
-    else:
-        data = cfg.data
-        saved = (data.min_tokens, data.max_tokens)
-        data.min_tokens = data.max_tokens = None  # the split is taken before any filter; no tokenizer needed
-        rows = prepare_data(data, tokenizer=None, log=None).validation
-        data.min_tokens, data.max_tokens = saved
-    if max_rows is not None:
-        rows = rows[:max_rows]
-    if not rows:
-        raise ConfigError("the recipe's data gives no held-out rows; accepted: data.validation_fraction > 0 or "
-                          "data.validation_path")
+    """The recipe's held-out rows, computed once and written to OUT/heldout.jsonl."""
+    rows = recipe_heldout_rows(cfg, max_rows)
     path = out / "heldout.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path, rows
+
+
+def run_point(config_path: Path, result_path: Path) -> int:
+    """One grid point, in the process `python -m training.sweep --run-point CONFIG RESULT` that run_sweep starts:
+    finetune.run on the point's saved recipe; its summary (or error) is written to RESULT."""
+    from training.finetune import run
+
+    try:
+        summary = run(load_config(config_path))
+        result = {key: summary.get(key) for key in ("final_eval_loss", "final_train_loss", "steps",
+                                                     "tokens_per_second")}
+        result["train_rows"] = (summary.get("examples") or {}).get("train")
+    except Exception as exc:  # reported by the parent next to the other points
+        result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    result_path.write_text(json.dumps(result, default=str))
+    return 1 if "error" in result else 0
+
+
+def train_point_in_subprocess(cfg: TrainConfig) -> dict:
+    """run_point in a fresh Python process (output streams through); its result dict."""
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_config(cfg, run_dir / "config.yaml")  # finetune.run writes the same file again
+    result_path = run_dir / "point_result.json"
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "training.sweep", "--run-point", str(config_path), str(result_path)],
+                          cwd=REPO_ROOT, env=env)
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    return {"error": f"the run's process ended with exit status {proc.returncode} and no result"}
 
 
 def shared_base(cfg: TrainConfig, out: Path) -> dict[str, Any]:
@@ -111,9 +121,9 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
               max_steps: int | None = None, data_subset: int | None = None, eval_rows: int | None = None,
               fixed: dict[str, Any] | None = None, keep: bool = False, baseline: bool = True) -> dict:
     """Run every grid point, score each on the pinned held-out rows, rank, write table/plot/best recipe."""
-    from training.evaluate import heldout_loss, load_for_loss
-    from training.finetune import run
+    import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # this process never trains, so nothing is patched
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     base_cfg = load_config(recipe, fixed)
@@ -142,7 +152,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
                                "runs": [], "baseline": None}
     if baseline:
         model, tok = load_for_loss(base_overrides.get("model.name_or_path") or configs[0].model.name_or_path,
-                                   base_cfg.model.chat_template)
+                                   base_cfg.model.chat_template, device)
         results["baseline"] = heldout_loss(model, tok, heldout, base_cfg.train.max_length)
         del model
         log(f"untrained base: held-out loss {results['baseline']['loss']:.4f}")
@@ -151,17 +161,19 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
                                  "output_dir": cfg.train.output_dir}
         log(f"run {i + 1}/{len(points)}: {entry['label']}")
         started = time.time()
-        try:
-            summary = run(cfg)
-            model, tok = load_for_loss(Path(cfg.train.output_dir) / "merged")
-            entry.update(heldout_loss(model, tok, heldout, cfg.train.max_length))
-            del model
-            entry.update(trainer_eval_loss=summary.get("final_eval_loss"),
-                         final_train_loss=summary.get("final_train_loss"), steps=summary.get("steps"),
-                         train_rows=(summary.get("examples") or {}).get("train"),
-                         tokens_per_second=summary.get("tokens_per_second"))
-        except Exception as exc:  # one failing point (e.g. out of memory) must not lose the others
-            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        trained = train_point_in_subprocess(cfg)
+        if "error" not in trained:
+            entry.update(trainer_eval_loss=trained["final_eval_loss"], final_train_loss=trained["final_train_loss"],
+                         steps=trained["steps"], train_rows=trained["train_rows"],
+                         tokens_per_second=trained["tokens_per_second"])
+            try:
+                model, tok = load_for_loss(Path(cfg.train.output_dir) / "merged", device=device)
+                entry.update(heldout_loss(model, tok, heldout, cfg.train.max_length))
+                del model
+            except Exception as exc:  # one failing point must not lose the others
+                trained["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if "error" in trained:  # e.g. out of memory
+            entry["error"] = trained["error"]
             log(f"run {i + 1} failed: {entry['error']}")
         entry["wall_s"] = round(time.time() - started, 1)
         if not keep:  # the adapter stays; the big files go
@@ -216,11 +228,7 @@ def sweep_markdown(results: dict) -> str:
 
 
 def plot_sweep(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     done = sorted((r for r in results["runs"] if "loss" in r), key=lambda r: r["loss"], reverse=True)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(done) + 1.8))
     ax.barh([r["label"] for r in done], [r["loss"] for r in done], color="tab:blue")
@@ -237,6 +245,9 @@ def plot_sweep(results: dict, path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--run-point"]:
+        return run_point(Path(argv[1]), Path(argv[2]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the recipe YAML every run starts from")

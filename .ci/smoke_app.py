@@ -1,13 +1,14 @@
 """Start `python app.py` with no settings (embedded SmolLM2, no network), ask one question through the API, stop it."""
 import os
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.ports import free_port  # noqa: E402
+
+port = free_port()
 env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
 proc = subprocess.Popen([sys.executable, "app.py"], env=env)
 try:

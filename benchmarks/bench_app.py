@@ -4,11 +4,11 @@ transformers backend on the same GGUF for comparison.
 
     python benchmarks/bench_app.py [--runs 3] [--max-new-tokens 256] [--threads N] [--no-transformers]
 
-TTFT: request sent → first text received. Decode tokens/s: (tokens - 1) / (last text - first text).
+TTFT and decode tokens/s as chatbot.timing defines them (tokens after the first over first → last text).
 The app runs in its own process, as on a Space, and so does raw llama-cpp-python (a worker process of
 this script); the client here stands in for the browser, and raw and app runs alternate. Each run
 starts with a different system prompt, so llama.cpp cannot reuse the previous run's prompt cache.
-Targets (issue 2): app ≥ 0.95 × raw tokens/s, app TTFT ≤ raw TTFT + 50 ms.
+Targets: app ≥ 0.95 × raw tokens/s, app TTFT ≤ raw TTFT + 50 ms.
 gradio_client (2.7) looks for new server messages every 50 ms when it has none, so the app's TTFT seen
 here carries up to 50 ms of client-side polling that a browser does not add; the per-run "server-side"
 figures are the app's own stats line (backend decode speed and time to first token inside the app).
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,8 +30,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatbot.models import embedded_gguf_path  # noqa: E402
+from chatbot.model_files import embedded_gguf_path  # noqa: E402
 from chatbot.settings import load_settings  # noqa: E402
+from chatbot.timing import ReplyClock, decode_rate  # noqa: E402
+from tools.ports import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a detailed essay about the history of computers, from the abacus to smartphones."
@@ -56,19 +57,14 @@ def load_raw(threads: int | None):
 
 def raw_run(llm, run: int, max_new_tokens: int) -> dict:
     messages = [{"role": "system", "content": system_prompt(run)}, {"role": "user", "content": PROMPT}]
-    start = time.perf_counter()
-    first = last = None
-    text, tokens = "", 0
+    clock, text = ReplyClock(), ""
     for chunk in llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_new_tokens,
                                             temperature=0.0):
         piece = chunk["choices"][0]["delta"].get("content")
         if piece:
-            now = time.perf_counter()
-            first = first or now
-            last = now
+            clock.add(piece)
             text += piece
-            tokens += 1
-    return dict(ttft=first - start, tps=(tokens - 1) / (last - first), tokens=tokens, text=text)
+    return dict(ttft=clock.ttft, tps=clock.decode_tps, tokens=clock.tokens, text=text)
 
 
 def raw_worker(threads: int | None, max_new_tokens: int) -> None:
@@ -93,12 +89,6 @@ def ask_raw(worker: subprocess.Popen, run: int) -> dict:
     worker.stdin.write(f"{run}\n")
     worker.stdin.flush()
     return json.loads(worker.stdout.readline())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(threads: int | None, max_new_tokens: int):
@@ -172,7 +162,7 @@ def app_http_run(url: str, run: int, max_new_tokens: int) -> dict:
                     last = now
                     text = reply
     tokens = int(stats.split(" tokens", 1)[0])
-    return dict(ttft=first - start, tokens=tokens, tps=(tokens - 1) / (last - first), stats=stats)
+    return dict(ttft=first - start, tokens=tokens, tps=decode_rate(tokens - 1, last - first), stats=stats)
 
 
 def transformers_backend(args) -> list[dict]:
@@ -187,20 +177,12 @@ def transformers_backend(args) -> list[dict]:
     results = []
     for run in range(-1, max(1, args.runs - 1)):
         messages = [{"role": "system", "content": system_prompt(run)}, {"role": "user", "content": PROMPT}]
-        start = time.perf_counter()
-        first = last = None
-        tokens = after_first = 0
+        clock = ReplyClock()
         for chunk in backend.stream(messages, GenerationParams(max_new_tokens=args.max_new_tokens, temperature=0)):
-            tokens += chunk.tokens
-            if first is not None:
-                after_first += chunk.tokens  # the streamer yields words: count tokens, not chunks
-            if chunk.text:
-                now = time.perf_counter()
-                first = first or now
-                last = now
+            clock.add(chunk.text, chunk.tokens)  # the streamer yields words: count tokens, not chunks
         if run >= 0:
-            results.append(dict(ttft=first - start, tps=after_first / (last - first), tokens=tokens))
-            print(f"transformers run {run}: TTFT {first - start:.3f} s, {results[-1]['tps']:.1f} tokens/s", flush=True)
+            results.append(dict(ttft=clock.ttft, tps=clock.decode_tps, tokens=clock.tokens))
+            print(f"transformers run {run}: TTFT {clock.ttft:.3f} s, {clock.decode_tps:.1f} tokens/s", flush=True)
     return results
 
 
@@ -226,7 +208,7 @@ def main() -> None:
             a, h = app_run(url, run, args.max_new_tokens), app_http_run(url, run, args.max_new_tokens)
             # Greedy decoding: the app returns the very text raw produced, i.e. the same number of tokens.
             a["tokens"] = r["tokens"]
-            a["tps"] = (r["tokens"] - 1) / (a["last"] - a["first"])
+            a["tps"] = decode_rate(r["tokens"] - 1, a["last"] - a["first"])
             if a["text"] != r["text"]:
                 print("warning: the app's reply differs from raw llama-cpp-python's for the same prompt")
             if run >= 0:

@@ -30,7 +30,7 @@ def _smollm2_dir(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from chatbot.models import embedded_gguf_path
+    from chatbot.model_files import embedded_gguf_path
     from training.modeling import load_gguf_model
 
     gguf = embedded_gguf_path()
@@ -45,7 +45,7 @@ def _random_dir(shape: str, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatbot.models import embedded_gguf_path
+    from chatbot.model_files import embedded_gguf_path
     from training.shapes import shape_config
 
     gguf = embedded_gguf_path()

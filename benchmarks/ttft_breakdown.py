@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ if __package__ in (None, ""):
 import chatbot.ui as ui  # noqa: E402
 from chatbot.backends import load_backend  # noqa: E402
 from chatbot.settings import load_settings  # noqa: E402
+from tools.ports import free_port  # noqa: E402
 
 PROMPT = "Explain what a large language model is."
 STAGES = ("function starts", "backend first text", "app yields it", "client sees it")
@@ -88,10 +88,7 @@ def main() -> None:
     marks: dict[str, float] = {}
     instrument(backend, marks)
     demo = ui.build_app(settings, backend)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.queue(max_size=64).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.queue(max_size=64).launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     url = demo.local_url
     try:
         for name, ask in (("HTTP /gradio_api/call/chat", over_http), ("gradio_client", over_gradio_client)):

@@ -20,7 +20,17 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A user configuration error; str() is the one line shown to the user."""
+    """A serving configuration error; str() is the one line shown to the user.
+
+    Everything in `chatbot/` raises this one; `training/` has its own (training.config.ConfigError) and converts
+    this one where it calls the serving code (e.g. evaluate.py's judge).
+    """
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line for a ConfigError message: its type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class Settings:
     max_new_tokens: int = 512
     temperature: float = 0.2             # SmolLM2's model card recommends 0.2 / 0.9
     top_p: float = 0.9
+    min_p: float = 0.05                  # llama.cpp's default; 0 = off
+    repeat_penalty: float = 1.1          # 1 = off; 1.1 stops the embedded model's loops (benchmarks/bench_turns.py)
     seed: int | None = None
     n_ctx: int = 4096                    # 0 = the model's full trained length
     threads: int = 1                     # load_settings: CPU_CORES, else half the logical CPUs
@@ -43,6 +55,7 @@ class Settings:
     mock_delay: float = 0.05
     mock_reply: str | None = None
     llama_repack: bool = False           # llama.cpp extra buffer types (AMX / repacked weights)
+    cache_mb: int = 1024                 # llama_cpp: RAM for per-conversation prompt caches; 0 = off
     feedback_dir: str | None = None      # visitor ratings -> DIR/*.jsonl (chatbot.feedback); None = off
     feedback_dataset: str | None = None  # also push feedback_dir to this private Hub dataset
 
@@ -152,6 +165,8 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         max_new_tokens=max_new_tokens,
         temperature=_number(env, "CHATBOT_TEMPERATURE", float, 0.2, lo=0, hi=2),
         top_p=_number(env, "CHATBOT_TOP_P", float, 0.9, lo=0, hi=1, lo_open=True),
+        min_p=_number(env, "CHATBOT_MIN_P", float, 0.05, lo=0, hi=1),
+        repeat_penalty=_number(env, "CHATBOT_REPEAT_PENALTY", float, 1.1, lo=1, hi=2),
         seed=_number(env, "CHATBOT_SEED", int, None, lo=0),
         n_ctx=n_ctx,
         threads=_number(env, "CHATBOT_THREADS", int, default_threads(env), lo=1),
@@ -161,5 +176,6 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         mock_delay=_number(env, "CHATBOT_MOCK_DELAY", float, 0.05, lo=0, hi=60),
         mock_reply=_get(env, "CHATBOT_MOCK_REPLY"),
         llama_repack=_flag(env, "CHATBOT_LLAMA_REPACK", False),
+        cache_mb=_number(env, "CHATBOT_CACHE_MB", int, 1024, lo=0),
         **_feedback(env),
     )

@@ -1,9 +1,8 @@
 """The Gradio app: a streaming ChatInterface over one backend.
 
-The backend decodes in a producer thread while the Gradio generator drains whatever text has arrived,
-so decoding never waits for the UI (tokens/s through the app stays at the raw backend's) and updates
-are sent at most every STREAM_INTERVAL seconds. Stop closes the generator; its `finally` sets the
-cancel event, the backend returns at the next token and releases the model.
+The backend decodes in a producer thread while the Gradio generator drains whatever text has arrived, so decoding
+never waits for the UI and updates go out at most every STREAM_INTERVAL seconds. Stop closes the generator; its
+`finally` sets the cancel event, the backend returns at the next token and releases the model.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from chatbot import feedback
 from chatbot.backends.base import Backend, GenerationParams
 from chatbot.history import NOTICE, build_messages, content_text, normalise, trim
 from chatbot.settings import Settings
+from chatbot.timing import ReplyClock
 
 STREAM_INTERVAL = 0.05  # seconds between UI updates while streaming
 EXAMPLES = [
@@ -32,13 +32,13 @@ def notice(text: str) -> str:
     return NOTICE + text
 
 
-def format_stats(tokens: int, ttft: float | None, decode_s: float, finish: str | None, dropped: int) -> str:
+def format_stats(clock: ReplyClock, finish: str | None, dropped: int) -> str:
     """One unobtrusive line under the chat: tokens, decode speed, time to first token, why it ended."""
-    if ttft is None:
+    if clock.ttft is None:
         return ""
-    # Decode speed excludes the first token, whose time is prompt processing (shown as TTFT).
-    speed = f"{(tokens - 1) / decode_s:.1f} tokens/s" if tokens > 1 and decode_s > 0 else "– tokens/s"
-    parts = [f"{tokens} tokens", speed, f"first token {ttft:.2f} s"]
+    tps = clock.decode_tps
+    speed = f"{tps:.1f} tokens/s" if tps is not None else "– tokens/s"
+    parts = [f"{clock.tokens} tokens", speed, f"first token {clock.ttft:.2f} s"]
     if finish == "length":
         parts.append("stopped at max new tokens")
     elif finish == "cancelled":
@@ -64,12 +64,12 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
         finally:
             items.put(None)
 
-    start = time.perf_counter()
-    text, tokens, first, last, finish = "", 0, None, None, None
+    clock = ReplyClock()
+    text, finish = "", None
     producer = threading.Thread(target=produce, name="backend-stream", daemon=True)
     producer.start()
     try:
-        done, next_update = False, start
+        done, next_update = False, clock.start
         while not done:
             batch = [items.get()]
             # Gather what arrives until the next update is due; the end of the stream is sent at once.
@@ -86,14 +86,10 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
                 if isinstance(chunk, Exception):
                     text += ("\n\n" if text else "") + notice(f"The model failed: {type(chunk).__name__}: {chunk}")
                     continue
-                if chunk.text:
-                    first = at if first is None else first
-                    text += chunk.text
-                    last = at
-                tokens += chunk.tokens
+                clock.add(chunk.text, chunk.tokens, at)
+                text += chunk.text
                 finish = chunk.finish_reason or finish
-            yield text, format_stats(tokens, None if first is None else first - start,
-                                     (last - first) if first is not None else 0.0, finish, dropped)
+            yield text, format_stats(clock, finish, dropped)
             next_update = time.perf_counter() + STREAM_INTERVAL
     finally:
         # Also reached when Gradio closes the generator (stop button, client gone): end decoding now.
@@ -102,10 +98,12 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
 
 
 def make_respond(settings: Settings, backend: Backend):
-    """The ChatInterface function: (message, history, system prompt, temperature, top_p, max new tokens)."""
+    """The ChatInterface function: (message, history, system prompt, temperature, top_p, max new tokens,
+    repetition penalty, min-p); what an API caller leaves out comes from the settings."""
 
     def respond(message: Any, history: list, system_prompt: str | None = None, temperature: float | None = None,
-                top_p: float | None = None, max_new_tokens: float | None = None) -> Iterator[tuple[str, str]]:
+                top_p: float | None = None, max_new_tokens: float | None = None, repeat_penalty: float | None = None,
+                min_p: float | None = None) -> Iterator[tuple[str, str]]:
         text = content_text(message["text"] if isinstance(message, dict) and "text" in message else message)
         if not text.strip():
             yield notice("Please type a message."), ""
@@ -119,6 +117,9 @@ def make_respond(settings: Settings, backend: Backend):
             max_new_tokens=max(1, min(int(max_new_tokens or settings.max_new_tokens), backend.n_ctx - 1)),
             temperature=min(max(float(settings.temperature if temperature is None else temperature), 0.0), 2.0),
             top_p=min(max(float(settings.top_p if top_p is None else top_p), 0.01), 1.0),
+            min_p=min(max(float(settings.min_p if min_p is None else min_p), 0.0), 1.0),
+            repeat_penalty=min(max(float(settings.repeat_penalty if repeat_penalty is None else repeat_penalty),
+                                   1.0), 2.0),
             seed=settings.seed)
         system = settings.system_prompt if system_prompt is None else system_prompt
         messages = build_messages(system, normalise(history), text)
@@ -156,6 +157,10 @@ def build_app(settings: Settings, backend: Backend):
                 gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p", render=False),
                 gr.Slider(1, slider_max, value=settings.max_new_tokens, step=1, label="Max new tokens",
                           render=False),
+                gr.Slider(1.0, 2.0, value=settings.repeat_penalty, step=0.05, label="Repetition penalty",
+                          info="1 = off; higher stops small models from repeating themselves", render=False),
+                gr.Slider(0.0, 1.0, value=settings.min_p, step=0.01, label="Min-p",
+                          info="drop tokens less likely than this × the likeliest one; 0 = off", render=False),
             ],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[stats],
@@ -164,6 +169,10 @@ def build_app(settings: Settings, backend: Backend):
             api_name="chat",
             concurrency_limit=backend.max_concurrency,
             fill_height=True,
+            # What chat demos offer today: conversations kept in the visitor's browser (localStorage) across
+            # reloads, listed in a side panel with "New chat"; and editing a sent message to regenerate from it.
+            save_history=True,
+            editable=True,
         )
         stats.render()
         feedback.attach(chat, settings, backend)  # thumbs/retry -> records, when CHATBOT_FEEDBACK_DIR is set

@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF."""
-    from chatbot.models import embedded_gguf_path
+    from chatbot.model_files import embedded_gguf_path
 
     return embedded_gguf_path()
 

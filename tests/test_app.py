@@ -3,7 +3,6 @@ with the mock backend; and `python app.py` itself (fail-fast configuration error
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,14 +13,9 @@ import pytest
 
 from chatbot.backends.mock import MockBackend
 from chatbot.settings import load_settings
+from tools.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SpyBackend(MockBackend):
@@ -77,6 +71,16 @@ def test_reply_streams_in_pieces_and_settings_reach_the_backend(app):
     assert "tokens/s" in stats and "first token" in stats
     params = backend.calls[-1]["params"]
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.3, 0.8, 40)
+    # Left out by this caller: the settings' defaults apply.
+    assert (params.repeat_penalty, params.min_p) == (1.1, 0.05)
+
+
+def test_repetition_penalty_and_min_p_reach_the_backend(app):
+    url, backend = app
+    reply, _ = client(url).submit("Hi", "S", 0.3, 0.8, 40, 1.25, 0.1, api_name="/chat").result(timeout=60)
+    assert "repeat_penalty=1.25 min_p=0.1" in reply
+    params = backend.calls[-1]["params"]
+    assert (params.repeat_penalty, params.min_p) == (1.25, 0.1)
 
 
 def test_two_clients_in_parallel_get_their_own_answers(app):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,6 +10,7 @@ import pytest
 
 from chatbot.backends import GenerationParams, load_backend
 from chatbot.settings import ConfigError, load_settings
+from tools.ports import free_port
 
 WORDS = ["Hello", " from", " the", " fake", " server", "."]
 
@@ -97,11 +97,14 @@ def test_streams_the_servers_reply_with_our_parameters(server):
     backend = backend_for(server)
     assert backend.model_name == "served-model"  # unset CHATBOT_MODEL: the first model the server lists
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
-    chunks = list(backend.stream(messages, GenerationParams(max_new_tokens=50, temperature=0.4, top_p=0.7, seed=3)))
+    params = GenerationParams(max_new_tokens=50, temperature=0.4, top_p=0.7, seed=3, min_p=0.1, repeat_penalty=1.15)
+    chunks = list(backend.stream(messages, params))
     assert [c.text for c in chunks[:-1]] == WORDS and chunks[-1].finish_reason == "stop"
     sent = server.requests[0]
     assert sent["messages"] == messages and sent["stream"] is True and sent["model"] == "served-model"
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["seed"]) == (50, 0.4, 0.7, 3)
+    # Passed through under the names llama.cpp's server (repeat_penalty) and vLLM (repetition_penalty) read.
+    assert (sent["min_p"], sent["repeat_penalty"], sent["repetition_penalty"]) == (0.1, 1.15, 1.15)
 
 
 def test_length_finish_and_explicit_model(server):
@@ -133,9 +136,7 @@ def test_count_tokens_is_a_growing_estimate(server):
 
 
 def test_unreachable_server_fails_with_one_line():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(ConfigError) as info:
         load_backend(load_settings({"CHATBOT_BACKEND": "openai",
                                     "CHATBOT_OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"}))

@@ -128,3 +128,51 @@ def test_directory_that_is_not_a_model_fails_with_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ConfigError, match=r"^CHATBOT_MODEL=.*could not be loaded by transformers.*accepted:"):
         backend_for(CHATBOT_MODEL=str(tmp_path))
+
+
+def _first_forward_lengths(backend) -> list[int]:
+    """Tokens each generation's first forward pass processes (the prompt's part not already in the kept cache)."""
+    lengths, original = [], backend.model.forward
+    state = {"new": True}
+
+    def forward(*args, **kwargs):
+        if state["new"]:
+            lengths.append(kwargs["input_ids"].shape[1])
+            state["new"] = False
+        return original(*args, **kwargs)
+
+    backend.model.forward = forward
+    return lengths, state
+
+
+def test_the_last_conversation_keeps_its_cache_and_replies_do_not_change(tiny_llama_dir):
+    reuse = backend_for(CHATBOT_MODEL=str(tiny_llama_dir), CHATBOT_N_CTX="1024")
+    lengths, state = _first_forward_lengths(reuse)
+    params = GenerationParams(max_new_tokens=10, temperature=0, repeat_penalty=1.1)
+    history, with_cache, afresh, prompts = list(MESSAGES[:1]), [], [], []
+    for message in ("Hello!", "Tell me about the sea.", "And the mountains?"):
+        history.append({"role": "user", "content": message})
+        prompts.append(reuse.count_tokens(history))
+        state["new"] = True
+        with_cache.append("".join(c.text for c in reuse.stream(history, params)))
+        reuse.kept, kept = None, reuse.kept  # the same turn without the kept cache: the whole prompt again
+        state["new"] = True
+        afresh.append("".join(c.text for c in reuse.stream(history, params)))
+        reuse.kept = kept
+        history.append({"role": "assistant", "content": with_cache[-1]})
+    assert with_cache == afresh
+    # lengths: (turn 1, turn 1 afresh, turn 2, turn 2 afresh, ...): with the cache only the new message is processed
+    assert lengths[1::2] == prompts
+    assert all(n < p - 10 for n, p in zip(lengths[2::2], prompts[1:])), (lengths, prompts)
+
+
+def test_repeat_penalty_counts_only_recent_generated_tokens(tiny):
+    import torch
+
+    _, _, penalty_cls = tiny._classes
+    penalty = penalty_cls(2.0, prompt_length=3)
+    ids = torch.tensor([[5, 6, 7, 8, 8]])  # prompt 5 6 7, generated 8 8
+    scores = torch.ones(1, 10)
+    out = penalty(ids, scores.clone())
+    assert out[0, 8] == 0.5 and out[0, 5] == 1.0  # a prompt token is not penalised, a generated one once
+    assert torch.equal(penalty(ids[:, :3], scores.clone()), scores)  # nothing generated yet: nothing changes

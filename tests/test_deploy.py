@@ -17,7 +17,7 @@ import pytest
 from huggingface_hub import HfApi, constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-from chatbot import deploy
+from tools import deploy_space as deploy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,9 +114,14 @@ def test_selection_takes_the_app_and_nothing_else(tree):
 
 def test_selection_of_this_repository_is_the_app_only():
     files = deploy.select_files(ROOT)
-    for needed in ("README.md", "requirements.txt", ".gitattributes", "chatbot/__init__.py", "chatbot/deploy.py"):
+    for needed in ("app.py", "README.md", "requirements.txt", ".gitattributes"):
         assert needed in files
-    assert not [f for f in files if f.split("/")[0] in {"tests", "training", "benchmarks", ".ci", ".git"}]
+    # The upload follows the served package: every module in chatbot/ goes up, and the deploy helper does not.
+    served = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "chatbot").rglob("*.py"))
+    assert "chatbot/__init__.py" in served and "chatbot/backends/llama_cpp.py" in served
+    assert [f for f in files if f.startswith("chatbot/") and f.endswith(".py")] == served
+    assert Path(deploy.__file__).resolve().relative_to(ROOT).as_posix() not in files
+    assert not [f for f in files if f.split("/")[0] in {"tests", "training", "benchmarks", "tools", ".ci", ".git"}]
     assert not [f for f in files if "__pycache__" in f or f.endswith((".gguf", ".safetensors", ".pyc"))]
 
 
@@ -161,8 +166,9 @@ def test_dry_run_prints_files_variables_and_secrets_without_network(tree, no_net
 
 def test_dry_run_as_a_command(tree):
     proc = subprocess.run(
-        [sys.executable, "-m", "chatbot.deploy", "--space", "alice/chat", "--folder", str(tree), "--dry-run"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(ROOT / "tools" / "deploy_space.py"), "--space", "alice/chat", "--folder", str(tree),
+         "--dry-run"],
+        cwd=tree, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     for rel in APP:

@@ -92,7 +92,7 @@ def test_license_and_short_description(card_data):
 
 
 def test_models_lists_the_default_model(card_data):
-    from chatbot.models import EMBEDDED_REPO_ID
+    from chatbot.model_files import EMBEDDED_REPO_ID
 
     assert isinstance(card_data.models, list)
     assert EMBEDDED_REPO_ID in card_data.models

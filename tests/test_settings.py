@@ -11,6 +11,7 @@ def test_nothing_set_gives_the_embedded_llama_cpp_default():
     assert s.backend == "llama_cpp" and s.model is None and s.gguf_file is None
     assert s.n_ctx > 0 and 0 < s.max_new_tokens < s.n_ctx
     assert s.threads >= 1
+    assert s.repeat_penalty == 1.1 and s.min_p == 0.05 and s.cache_mb == 1024
 
 
 def test_values_are_parsed():
@@ -20,11 +21,13 @@ def test_values_are_parsed():
         "CHATBOT_THREADS": "3", "CHATBOT_TEMPERATURE": "0", "CHATBOT_TOP_P": "1", "CHATBOT_SEED": "7",
         "CHATBOT_MAX_INPUT_CHARS": "100", "CHATBOT_OPENAI_BASE_URL": "http://h:1/v1/", "OPENAI_API_KEY": "sk-secret",
         "CHATBOT_MOCK_DELAY": "0.5", "CHATBOT_MOCK_REPLY": "hi there", "CHATBOT_REVISION": "v1",
+        "CHATBOT_REPEAT_PENALTY": "1.3", "CHATBOT_MIN_P": "0", "CHATBOT_CACHE_MB": "0",
     })
     assert s == Settings(backend="transformers", model="org/model", adapter="./adapter", revision="v1",
                          system_prompt="Be brief.", max_new_tokens=64, n_ctx=0, threads=3, temperature=0.0,
                          top_p=1.0, seed=7, max_input_chars=100, openai_base_url="http://h:1/v1",
-                         openai_api_key="sk-secret", mock_delay=0.5, mock_reply="hi there")
+                         openai_api_key="sk-secret", mock_delay=0.5, mock_reply="hi there", repeat_penalty=1.3,
+                         min_p=0.0, cache_mb=0)
     assert "sk-secret" not in repr(s)  # the key never lands in logs
 
 
@@ -54,6 +57,10 @@ def test_empty_system_prompt_means_none():
     ({"CHATBOT_SEED": "-3"}, "CHATBOT_SEED", "-3", "an integer >= 0"),
     ({"CHATBOT_MAX_INPUT_CHARS": "lots"}, "CHATBOT_MAX_INPUT_CHARS", "lots", "an integer >= 1"),
     ({"CHATBOT_MOCK_DELAY": "slow"}, "CHATBOT_MOCK_DELAY", "slow", "a number >= 0"),
+    ({"CHATBOT_REPEAT_PENALTY": "0.9"}, "CHATBOT_REPEAT_PENALTY", "0.9", "a number >= 1 and <= 2"),
+    ({"CHATBOT_MIN_P": "1.5"}, "CHATBOT_MIN_P", "1.5", "a number >= 0 and <= 1"),
+    ({"CHATBOT_CACHE_MB": "-1"}, "CHATBOT_CACHE_MB", "-1", "an integer >= 0"),
+    ({"CHATBOT_CACHE_MB": "1.5GB"}, "CHATBOT_CACHE_MB", "1.5GB", "an integer >= 0"),
     ({"CHATBOT_OPENAI_BASE_URL": "localhost:8080"}, "CHATBOT_OPENAI_BASE_URL", "localhost:8080", "http://"),
     ({"CHATBOT_GGUF_FILE": "*.gguf"}, "CHATBOT_GGUF_FILE", "*.gguf", "CHATBOT_MODEL must be set"),
     ({"CHATBOT_ADAPTER": "a/b"}, "CHATBOT_ADAPTER", "a/b", "CHATBOT_BACKEND=transformers"),

@@ -107,7 +107,11 @@ CHOICES = {
 
 
 class ConfigError(ValueError):
-    pass
+    """A training configuration error (recipe, CLI option); str() is the one line shown to the user.
+
+    Everything in `training/` raises this one. The serving code it calls raises chatbot.settings.ConfigError,
+    which training code catches and converts where it calls it (evaluate.py's judge, for one).
+    """
 
 
 # ---------------------------------------------------------------- leaves and types

@@ -64,7 +64,9 @@ def model_card(cfg, summary: dict, data_report: dict | None = None) -> str:
     t, lora = cfg.train, cfg.lora
     base = cfg.model.name_or_path
     if base == "embedded":
-        base = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the Space's embedded GGUF is this model
+        from chatbot.model_files import EMBEDDED_REPO_ID
+
+        base = EMBEDDED_REPO_ID  # the Space's embedded GGUF is this model
     gguf = _gguf_pattern(summary)
     datasets = [s.path for s in data.sources if not Path(s.path).exists()]  # Hub ids go in the metadata
     meta: dict[str, Any] = {"base_model": base, "library_name": "transformers",

@@ -19,7 +19,7 @@ def resolve_base(model: ModelConfig) -> tuple[str, str | None]:
     """(directory or Hub id, gguf file name or None) for the configured base."""
     name, gguf = model.name_or_path, model.gguf_file
     if name == "embedded":
-        from chatbot.models import embedded_gguf_path
+        from chatbot.model_files import embedded_gguf_path
 
         path = embedded_gguf_path()
         return str(path.parent), path.name

@@ -13,7 +13,14 @@ class GenerationParams:
     max_new_tokens: int = 512
     temperature: float = 0.2
     top_p: float = 0.9
+    min_p: float = 0.05          # drop tokens below min_p × the top token's probability (llama.cpp's default)
+    repeat_penalty: float = 1.0  # llama.cpp's meaning: logits of tokens among the last REPEAT_LAST_N generated ones
+    #                              are divided (positive) or multiplied (negative) by it; 1 = off. The app passes
+    #                              CHATBOT_REPEAT_PENALTY (default 1.1), so here 1.0 keeps the plain model's reply.
     seed: int | None = None
+
+
+REPEAT_LAST_N = 64  # llama-cpp-python's last_n_tokens_size: the window the repeat penalty looks at
 
 
 @dataclass(frozen=True)
@@ -39,3 +46,11 @@ class Backend(Protocol):
 
 def cancelled(cancel: threading.Event | None) -> bool:
     return cancel is not None and cancel.is_set()
+
+
+def acquire(lock: threading.Lock, cancel: threading.Event | None) -> bool:
+    """Wait for the model, giving up if the request is cancelled while queued."""
+    while not lock.acquire(timeout=0.05):
+        if cancelled(cancel):
+            return False
+    return True

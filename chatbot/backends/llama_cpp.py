@@ -3,7 +3,8 @@
 The prompt is always built by the GGUF's own chat template (tokenizer.chat_template in its metadata),
 never by llama-cpp-python's hand-written formats, which it would otherwise pick when a template merely
 looks like ChatML. One Llama instance is not thread-safe (two threads decoding hit a GGML assert), so
-every call holds the backend's lock.
+every call holds the backend's lock. With CHATBOT_CACHE_MB > 0 each conversation's state is kept after its
+reply (llama_cpp_cache.py), so a returning visitor's prompt is not processed again.
 """
 from __future__ import annotations
 
@@ -11,19 +12,11 @@ import contextlib
 import threading
 from typing import Iterator
 
-from chatbot.backends.base import Chunk, GenerationParams, cancelled
-from chatbot.models import resolve_gguf
+from chatbot.backends.base import REPEAT_LAST_N, Chunk, GenerationParams, acquire, cancelled
+from chatbot.model_files import resolve_gguf
 from chatbot.settings import ConfigError, Settings
 
 TEMPLATE_KEY = "tokenizer.chat_template"
-
-
-def acquire(lock: threading.Lock, cancel: threading.Event | None) -> bool:
-    """Wait for the model, giving up if the request is cancelled while queued."""
-    while not lock.acquire(timeout=0.05):
-        if cancelled(cancel):
-            return False
-    return True
 
 
 @contextlib.contextmanager
@@ -62,7 +55,7 @@ class LlamaCppBackend:
         try:
             with extra_buffers(settings.llama_repack):
                 self.llm = Llama(model_path=str(path), n_ctx=settings.n_ctx, n_threads=settings.threads,
-                                 n_threads_batch=settings.threads, verbose=False,
+                                 n_threads_batch=settings.threads, verbose=False, last_n_tokens_size=REPEAT_LAST_N,
                                  seed=settings.seed if settings.seed is not None else 0xFFFFFFFF)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"CHATBOT_MODEL={str(settings.model or path)!r} could not be loaded by llama.cpp "
@@ -84,6 +77,12 @@ class LlamaCppBackend:
         self.model_name = path.name
         self.n_ctx = self.llm.n_ctx()
         self.lock = threading.Lock()
+        self.cache = None
+        if settings.cache_mb > 0:
+            from chatbot.backends.llama_cpp_cache import ConversationCache
+
+            self.cache = ConversationCache(capacity_bytes=settings.cache_mb * 2**20)
+            self.llm.set_cache(self.cache)
 
     def count_tokens(self, messages: list[dict]) -> int:
         # Exactly what create_chat_completion feeds the model: the rendered template, tokenised with specials.
@@ -99,8 +98,8 @@ class LlamaCppBackend:
         chunks = None
         try:
             chunks = self.llm.create_chat_completion(
-                messages=messages, stream=True, max_tokens=params.max_new_tokens,
-                temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+                messages=messages, stream=True, max_tokens=params.max_new_tokens, temperature=params.temperature,
+                top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty, seed=params.seed)
             for chunk in chunks:
                 # Checked between tokens: a stop request returns here and frees the model for the next user.
                 if cancelled(cancel):
@@ -112,6 +111,10 @@ class LlamaCppBackend:
                     yield Chunk(text, tokens=1)
                 if choice.get("finish_reason"):
                     yield Chunk("", choice["finish_reason"])
+                    # llama-cpp-python saves the state into the cache after its last chunk: let it get there
+                    # (closing the generator now would skip the save).
+                    for _ in chunks:
+                        pass
                     return
             yield Chunk("", "stop")
         finally:

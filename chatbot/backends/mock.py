@@ -43,7 +43,8 @@ class MockBackend:
         user = messages[-1]["content"] if messages else ""
         return (f"You said: {user} | system prompt: {system or '(none)'} | "
                 f"temperature={params.temperature:g} top_p={params.top_p:g} "
-                f"max_new_tokens={params.max_new_tokens} | messages: {len(messages)}")
+                f"max_new_tokens={params.max_new_tokens} repeat_penalty={params.repeat_penalty:g} "
+                f"min_p={params.min_p:g} | messages: {len(messages)}")
 
     def stream(self, messages: list[dict], params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:

@@ -9,8 +9,7 @@ import threading
 from typing import Iterator
 
 from chatbot.backends.base import Chunk, GenerationParams, cancelled
-from chatbot.models import _first_line
-from chatbot.settings import ConfigError, Settings
+from chatbot.settings import ConfigError, Settings, first_line
 
 CHARS_PER_TOKEN = 3
 PER_MESSAGE_TOKENS = 4
@@ -30,10 +29,10 @@ class OpenAIBackend:
         try:
             served = [m.id for m in self.client.models.list()]
         except openai.AuthenticationError as exc:
-            raise ConfigError(f"OPENAI_API_KEY was refused by {url} ({_first_line(exc)}); accepted: a key "
+            raise ConfigError(f"OPENAI_API_KEY was refused by {url} ({first_line(exc)}); accepted: a key "
                               "this server accepts") from None
         except (openai.APIConnectionError, openai.APIStatusError) as exc:
-            raise ConfigError(f"CHATBOT_OPENAI_BASE_URL={url!r} did not answer GET /models ({_first_line(exc)}); "
+            raise ConfigError(f"CHATBOT_OPENAI_BASE_URL={url!r} did not answer GET /models ({first_line(exc)}); "
                               "accepted: the /v1 base URL of a running OpenAI-compatible server") from None
         if settings.model is None and not served:
             raise ConfigError(f"CHATBOT_MODEL is unset and {url} lists no model; accepted: a model name the "
@@ -48,7 +47,11 @@ class OpenAIBackend:
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
         response = self.client.chat.completions.create(
             model=self.model_name, messages=messages, stream=True, max_tokens=params.max_new_tokens,
-            temperature=params.temperature, top_p=params.top_p, seed=params.seed)
+            temperature=params.temperature, top_p=params.top_p, seed=params.seed,
+            # Not in OpenAI's API; llama.cpp's server reads min_p and repeat_penalty, vLLM min_p and
+            # repetition_penalty, and both ignore the names they do not know.
+            extra_body={"min_p": params.min_p, "repeat_penalty": params.repeat_penalty,
+                        "repetition_penalty": params.repeat_penalty})
         try:
             for event in response:
                 if cancelled(cancel):

@@ -2,7 +2,9 @@
 comparisons only — a GGUF through transformers' GGUF loading (dequantised to fp32, so not a serving path).
 
 Generation runs in a worker thread feeding a TextIteratorStreamer; a StoppingCriteria watching the cancel
-event ends it between tokens, and the stream waits for the thread before freeing the model's lock.
+event ends it between tokens, and the stream waits for the thread before freeing the model's lock. The key/value
+cache of the last conversation is kept, so its next turn processes only the new tokens (one conversation: the
+llama_cpp backend keeps one per conversation).
 """
 from __future__ import annotations
 
@@ -10,14 +12,13 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from chatbot.backends.base import Chunk, GenerationParams, cancelled
-from chatbot.backends.llama_cpp import acquire
-from chatbot.models import EMBEDDED_REPO_ID, _first_line, local_or_repo, resolve_gguf
-from chatbot.settings import ConfigError, Settings
+from chatbot.backends.base import REPEAT_LAST_N, Chunk, GenerationParams, acquire, cancelled
+from chatbot.model_files import EMBEDDED_REPO_ID, local_or_repo, resolve_gguf
+from chatbot.settings import ConfigError, Settings, first_line
 
 
 def _load_error(var: str, value: str, exc: BaseException) -> ConfigError:
-    return ConfigError(f"{var}={value!r} could not be loaded by transformers ({_first_line(exc)}); accepted: a "
+    return ConfigError(f"{var}={value!r} could not be loaded by transformers ({first_line(exc)}); accepted: a "
                        "local directory or Hub repo id of a causal LM (reachable, or cached when HF_HUB_OFFLINE=1)")
 
 
@@ -73,7 +74,7 @@ def _load(settings: Settings):
 
 
 def _streamer_class():
-    from transformers import StoppingCriteria, TextIteratorStreamer
+    from transformers import LogitsProcessor, RepetitionPenaltyLogitsProcessor, StoppingCriteria, TextIteratorStreamer
 
     class CountingStreamer(TextIteratorStreamer):
         """TextIteratorStreamer that also counts generated tokens (it yields words, not tokens)."""
@@ -93,7 +94,28 @@ def _streamer_class():
             stop = any(cancelled(e) for e in self.events)
             return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
 
-    return CountingStreamer, StopOnEvent
+    class RecentRepetitionPenalty(LogitsProcessor):
+        """llama.cpp's repeat penalty: transformers' own, over the last REPEAT_LAST_N generated tokens only (its
+        built-in `repetition_penalty` also counts every prompt token)."""
+
+        def __init__(self, penalty: float, prompt_length: int):
+            self.penalty = RepetitionPenaltyLogitsProcessor(penalty=float(penalty))
+            self.prompt_length = prompt_length
+
+        def __call__(self, input_ids, scores):
+            start = max(self.prompt_length, input_ids.shape[1] - REPEAT_LAST_N)
+            return self.penalty(input_ids[:, start:], scores) if input_ids.shape[1] > start else scores
+
+    return CountingStreamer, StopOnEvent, RecentRepetitionPenalty
+
+
+def _reusable(cache) -> bool:
+    """A DynamicCache of full-attention layers can be cut back to any prefix; sliding-window or linear-attention
+    layers cannot, so those models start every turn afresh."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 class TransformersBackend:
@@ -114,6 +136,25 @@ class TransformersBackend:
         self.eos_ids = eos
         self.lock = threading.Lock()
         self._classes = _streamer_class()
+        self.kept: tuple[list[int], object] | None = None  # (token ids, their DynamicCache) of the last reply
+
+    def _cache_for(self, ids: list[int]):
+        """The kept cache cut back to the prefix it shares with `ids` (at least one token left to process)."""
+        kept, self.kept = self.kept, None  # generate() extends it in place: never hand it out twice
+        if kept is None:
+            return None
+        old, cache = kept
+        shared = 0
+        for a, b in zip(old, ids):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1)
+        if shared == 0:
+            return None
+        if cache.get_seq_length() > shared:
+            cache.crop(shared - cache.get_seq_length())
+        return cache
 
     def _encode(self, messages: list[dict], **kwargs):
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
@@ -128,11 +169,16 @@ class TransformersBackend:
         if not acquire(self.lock, cancel):
             yield Chunk("", "cancelled")
             return
-        streamer_cls, stop_cls = self._classes
+        streamer_cls, stop_cls, penalty_cls = self._classes
         inputs = self._encode(messages, return_dict=True, return_tensors="pt")
         streamer = streamer_cls(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) \
+        # The llama_cpp backend's sampling: top-k 40 (llama-cpp-python's default), top-p, min-p, repeat penalty.
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=40,
+                        min_p=params.min_p or None) \
             if params.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        prompt_length = inputs["input_ids"].shape[1]
+        processors = [penalty_cls(params.repeat_penalty, prompt_length)] if params.repeat_penalty != 1.0 else []
+        past = self._cache_for(inputs["input_ids"][0].tolist())
         result: dict = {}
         closing = threading.Event()  # set when the consumer goes away, without touching the caller's event
 
@@ -141,10 +187,16 @@ class TransformersBackend:
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 with torch.inference_mode():
-                    result["ids"] = self.model.generate(
+                    out = self.model.generate(
                         **inputs, max_new_tokens=params.max_new_tokens, streamer=streamer,
                         stopping_criteria=[stop_cls(cancel, closing)], eos_token_id=self.eos_ids,
-                        pad_token_id=self.tokenizer.pad_token_id or self.eos_ids[0], **sampling)
+                        pad_token_id=self.tokenizer.pad_token_id or self.eos_ids[0], logits_processor=processors,
+                        return_dict_in_generate=True, **({"past_key_values": past} if past is not None else {}),
+                        **sampling)
+                result["ids"] = out.sequences
+                cache = out.past_key_values
+                if cache is not None and _reusable(cache):
+                    self.kept = (out.sequences[0, :cache.get_seq_length()].tolist(), cache)
             except BaseException as exc:  # surfaced to the caller below, after the streamer is unblocked
                 result["error"] = exc
                 streamer.end()

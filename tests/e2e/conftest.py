@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from tools.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("E2E_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -71,12 +72,6 @@ def page(browser):
     context.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def serve_app(artifacts):
     """serve_app(name, env, timeout) -> context manager yielding the URL of a running `python app.py`."""
@@ -86,7 +81,7 @@ def serve_app(artifacts):
 @contextmanager
 def running_app(name: str, artifacts: Path, env: dict[str, str], timeout: float = 90.0):
     """`python app.py` with a clean CHATBOT_* environment plus `env`; yields its URL once it answers HTTP."""
-    port = _free_port()
+    port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATBOT_", "GRADIO_"))}
     full_env.update(
         GRADIO_SERVER_NAME="127.0.0.1",

@@ -170,3 +170,21 @@ def test_embedded_smollm2_answers_and_stops_by_itself(smollm2_app, page, artifac
     # The stats line names how a reply ended unless the model ended it itself (finish reason "stop").
     assert "tokens/s" in stats and "stopped" not in stats, stats
     page.screenshot(path=artifacts / "smollm2-answer.png")
+
+
+def test_conversation_survives_a_reload_in_the_history_panel(mock_app, page, artifacts):
+    open_chat(page, mock_app)
+    send(page, "Remember the lighthouse")
+    first = watch_reply(page)[-1]
+    assert first.startswith("You said: Remember the lighthouse"), first
+    page.reload()
+    page.locator(CHAT_INPUT).wait_for()
+    assert not bot_texts(page), "a reload starts a new chat"
+    # The browser kept the conversation (localStorage): it is listed and opens again, with its reply.
+    saved = page.get_by_text("Remember the lighthouse").first
+    saved.wait_for()
+    saved.click()
+    wait_until(lambda: last_bot(page) == first, 10, "the saved conversation to open")
+    page.screenshot(path=artifacts / "mock-history-after-reload.png")
+    send(page, "And now?")
+    assert watch_reply(page)[-1].endswith("messages: 4")  # the history of the reopened chat reaches the backend

@@ -1,10 +1,12 @@
 """Deploy this repository to a Hugging Face Space.
 
-    python -m chatbot.deploy --space USER/NAME [--model REPO] [--gguf-file GLOB] [--private-model]
-                             [--set CHATBOT_X=VALUE ...] [--hardware cpu-basic] [--private] [--dry-run]
+    python tools/deploy_space.py --space USER/NAME [--model REPO] [--gguf-file GLOB] [--private-model]
+                                 [--set CHATBOT_X=VALUE ...] [--hardware cpu-basic] [--private] [--dry-run]
 
 Creates the Space if missing (gradio SDK), makes its CHATBOT_* variables exactly the ones given here,
-adds HF_TOKEN as a secret only for a private model, uploads the app files and prints the Space URL.
+adds HF_TOKEN as a secret only for a private model, uploads the app (app.py, the whole chatbot/ package,
+requirements.txt, README.md, ...) and prints the Space URL. This file lives outside chatbot/ so the Space never
+gets it.
 --dry-run prints the same plan (files, variables, secrets) and touches no network.
 """
 from __future__ import annotations
@@ -17,13 +19,16 @@ from pathlib import Path
 from huggingface_hub import SpaceHardware
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
-from chatbot.settings import ConfigError, load_settings
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+
+from chatbot.settings import ConfigError, load_settings  # noqa: E402
 
 # An allowlist rather than "everything but": the Space runs `python app.py` and installs requirements.txt,
 # nothing more, so training code, tests, benchmarks and whatever a user leaves lying around stay home.
-# (`*` crosses "/" in huggingface_hub's matching, so "chatbot/*" takes the whole package.)
+# (`*` crosses "/" in huggingface_hub's matching, so "chatbot/*" takes the whole package: the upload follows the
+# folder, and whatever is added to chatbot/ goes up with it.)
 APP_PATTERNS = [
     "app.py",
     "chatbot/*",
@@ -218,13 +223,13 @@ def deploy(plan: Plan, api, token: str | None) -> str:
         ignore_patterns=list(NEVER_UPLOAD),
         # Files the app no longer has (a renamed module) go away too; files outside the app are left alone.
         delete_patterns=APP_PATTERNS,
-        commit_message="Deploy with python -m chatbot.deploy",
+        commit_message="Deploy with tools/deploy_space.py",
     )
     return plan.url
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m chatbot.deploy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/deploy_space.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--space", required=True, help="the Space to create or update, USER/NAME")
     p.add_argument("--model", help="Hub repo the Space serves (sets CHATBOT_MODEL); default: the embedded SmolLM2")
     p.add_argument("--gguf-file", help="file name or glob in --model, e.g. '*Q4_K_M.gguf' (sets CHATBOT_GGUF_FILE)")

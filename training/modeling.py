@@ -1,4 +1,4 @@
-"""Load the base model for LoRA training (QLoRA 4-bit / bf16 / fp32) and merge the adapter back into it.
+"""Load the base model for LoRA training (QLoRA 4-bit / bf16 / fp32); training/merge.py merges the adapter.
 
 A GGUF base (the Space's embedded SmolLM2, or any .gguf the user names) is dequantised by transformers and
 written once as a normal HF checkpoint (`OUT/base/`), so every later step - 4-bit loading, merging, export -
@@ -129,34 +129,3 @@ def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mo
         # Rows of tokens the template/pad added are random: train just those rows of the embedding.
         trainable_token_indices=list(new_token_ids) or None)
     return get_peft_model(m, peft_cfg)
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, tokenizer, dtype: str = "bfloat16",
-                  trust_remote_code: bool = False) -> Path:
-    """LoRA merged into a full-precision (fp32, on CPU) copy of the base - never into 4-bit weights - then saved
-    in `dtype` with the tokenizer (and its chat template) next to it."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if len(tokenizer) > m.get_input_embeddings().weight.shape[0]:
-        m.resize_token_embeddings(len(tokenizer))
-    m = PeftModel.from_pretrained(m, str(adapter_dir)).merge_and_unload()
-    m = m.to(DTYPES[dtype])
-    m.config.use_cache = True
-    m.config.pad_token_id = tokenizer.pad_token_id
-    m.config.eos_token_id = tokenizer.eos_token_id
-    if m.generation_config is not None:
-        m.generation_config.pad_token_id = tokenizer.pad_token_id
-        eos = m.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if tokenizer.eos_token_id not in eos:  # keep the base's other stop ids (Llama 3: eot + eom + eos)
-            eos = [tokenizer.eos_token_id] + eos
-        m.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
-    out_dir = Path(out_dir)
-    m.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir

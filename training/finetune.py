@@ -8,6 +8,7 @@ Works unchanged under `accelerate launch` / `torchrun` (DDP): every rank trains,
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
@@ -201,8 +202,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
 
     from training.data import prepare_data
     from training.data.preference import prepare_preference_data
-    from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, \
-        merge_adapter, resolve_mode
+    from training.merge import merge_adapter
+    from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, resolve_mode
     from training.preemption import SaveOnPreemption
     from training.resume import RunRecord, find_resume_point
     from training.preference import build_preference_trainer, drop_reference_adapter
@@ -283,11 +284,15 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     drop_reference_adapter(model)  # dpo/kto: TRL's frozen copy of the initial adapter
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
+    examples, data_report = {"train": len(train_rows), "validation": len(eval_rows)}, data.report.to_dict()
     merged_dir = None
     if cfg.export.merge:
-        del trainer, model
+        # The merge needs the RAM (a free Colab has ~12.7 GB): the model, trainer and tokenised rows go first.
+        del trainer, model, train_rows, eval_rows, data
+        gc.collect()
+        torch.cuda.empty_cache()
         merged_dir = merge_adapter(base, out / "adapter", out / "merged", tokenizer, cfg.export.merged_dtype,
-                                   cfg.model.trust_remote_code)
+                                   cfg.model.trust_remote_code, log_fn=log)
         log(f"wrote {merged_dir}")
     gguf_files = export_gguf_step(cfg, merged_dir, out) if merged_dir else []
 
@@ -300,7 +305,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "final_eval_loss": final_eval.get("eval_loss"),
         "final_train_loss": result.training_loss,
-        "examples": {"train": len(train_rows), "validation": len(eval_rows)},
+        "examples": examples,
         "dropped_at_tokenisation": {"train": dict(train_drop), "validation": dict(eval_drop)},
         "tokens_trained": tokens_seen,
         "tokens_per_second": (tokens_seen - tokens_before) / train_runtime if train_runtime else None,
@@ -320,7 +325,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
 
     from training.hub import model_card, push_run
 
-    (out / "README.md").write_text(model_card(cfg, summary, data.report.to_dict()))
+    (out / "README.md").write_text(model_card(cfg, summary, data_report))
     log(f"train loss {summary['final_train_loss']:.4f}  eval loss {summary['final_eval_loss']}  "
         f"{summary['tokens_per_second'] or 0:.0f} tokens/s  peak {summary['peak_memory_gb']:.2f} GB  "
         f"wall {summary['wall_time_s']:.0f}s")

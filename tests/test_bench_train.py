@@ -1,4 +1,4 @@
-"""training/bench.py: the CPU smoke run prints a table that parses, and the helpers behave. No timing asserts."""
+"""benchmarks/bench_train.py: the CPU smoke run prints a table that parses, and the helpers behave. No timing asserts."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training import bench
+from benchmarks import bench_train as bench
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def _table(text: str) -> dict[str, dict[str, str]]:
 def smoke(tmp_path_factory, smollm2_tokenizer_dir):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "training" / "bench.py"), "--shape", "tiny-llama", "--device", "cpu",
+        [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--shape", "tiny-llama", "--device", "cpu",
          "--steps", "2", "--warmup", "1", "--seq-len", "128", "--median-len", "48", "--batch", "2",
          "--compare", "naive,unsloth", "--tokenizer", str(smollm2_tokenizer_dir), "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -1,20 +1,17 @@
 """Training throughput: the exact step finetune.py runs vs a naive HF (Q)LoRA baseline vs Unsloth, in one run.
 
-    python training/bench.py --shape llama-3.2-1b --mode qlora --device cuda --steps 20 --warmup 5
-    python training/bench.py --shape tiny-llama --device cpu --steps 2 --warmup 1 --seq-len 256   # CI smoke
+    python benchmarks/bench_train.py --shape llama-3.2-1b --mode qlora --device cuda --steps 20 --warmup 5
+    python benchmarks/bench_train.py --shape tiny-llama --device cpu --steps 2 --warmup 1 --seq-len 256   # CI smoke
 
-A model of the named shape (training/shapes.py) gets random weights and is saved once as an HF checkpoint;
-each variant then runs in its own process (clean peak-memory figures; Unsloth patches transformers on import):
+A random-weight model of the named shape (training/shapes.py) is saved once; each variant then runs in its own
+process (clean peak-memory figures; Unsloth patches transformers on import):
 
-  project  training.modeling.load_model_for_training + finetune.build_trainer, i.e. finetune.py's own step:
-           packed rows (train.packing), Liger fused linear+cross-entropy on CUDA (train.use_liger), no fp32 upcast
-  naive    from_pretrained (+ bnb nf4) + peft.prepare_model_for_kbit_training + gradient checkpointing,
-           padded batches of --batch conversations, plain loss; same TrainingArguments
+  project  finetune.py's own step (load_model_for_training + build_trainer): packing, Liger on CUDA, no fp32 upcast
+  naive    from_pretrained (+ bnb nf4) + peft.prepare_model_for_kbit_training + gradient checkpointing, padded
   unsloth  FastLanguageModel + its gradient checkpointing, same rows/collator as project (when importable)
 
-Rows are synthetic: log-normal lengths (median --median-len, clipped to --seq-len), the first 35% of each row
-masked out of the loss as a prompt would be. tokens/s counts real tokens (no padding) over --steps optimizer
-steps after --warmup steps. MFU = 6 x matmul params x tokens/s / device peak (attention FLOPs not counted).
+Rows are synthetic (log-normal lengths, the first 35% masked as a prompt). tokens/s counts real tokens over --steps
+optimizer steps after --warmup. MFU = 6 x matmul params x tokens/s / device peak (attention FLOPs not counted).
 """
 from __future__ import annotations
 
@@ -23,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -175,6 +171,7 @@ def run_variant(variant: str, args, ckpt: str) -> dict:
 
     from training.finetune import build_trainer
     from training.modeling import load_model_for_training, resolve_mode
+    from training.peak_memory import peak_memory_gib
 
     mode = resolve_mode(args.mode)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -197,15 +194,14 @@ def run_variant(variant: str, args, ckpt: str) -> dict:
         trainer.train()
         (t0, tok0), (t1, tok1) = timer.marks[args.warmup], timer.marks[args.warmup + args.steps]
         cuda = torch.cuda.is_available()
+        peak_gib, mem_kind = peak_memory_gib()
         return {
             "variant": variant, "mode": mode, "packing": packing,
             "fused_loss": "liger" if trainer.args.use_liger_kernel else "no",
             "attention": model.config._attn_implementation if hasattr(model.config, "_attn_implementation")
             else "?",
             "tokens": int(tok1 - tok0), "seconds": t1 - t0, "tokens_per_s": (tok1 - tok0) / (t1 - t0),
-            "peak_mem_gib": (torch.cuda.max_memory_allocated() if cuda
-                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
-            "mem_kind": "VRAM" if cuda else "RSS",
+            "peak_mem_gib": peak_gib, "mem_kind": mem_kind,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "loss": timer.losses[-1] if timer.losses else float("nan"),
         }

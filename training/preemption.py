@@ -32,6 +32,7 @@ class SaveOnPreemption(TrainerCallback):
         self.log = log
         self.clock = clock
         self.signum: int | None = None          # the first signal received during training
+        self.saved_step: int | None = None      # the checkpoint saved after it
         self._previous: dict[int, object] = {}
         self._last_save = clock()
 
@@ -94,6 +95,7 @@ class SaveOnPreemption(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self._last_save = self.clock()
         if self.signum is not None:
+            self.saved_step = state.global_step
             self.log(f"saved checkpoint-{state.global_step} after {signal.Signals(self.signum).name}")
 
     # ------------------------------------------------------------ after trainer.train()
@@ -103,6 +105,6 @@ class SaveOnPreemption(TrainerCallback):
         if self.signum is None:
             return
         name = signal.Signals(self.signum).name
-        self.log(f"stopped by {name}; the checkpoint is saved. Continue with the same command plus --resume "
-                 f"(exit status {128 + self.signum})")
+        self.log(f"stopped by {name} at step {self.saved_step}; checkpoint-{self.saved_step} is saved. Continue with "
+                 f"the same command plus --resume (exit status {128 + self.signum})")
         raise SystemExit(128 + self.signum)

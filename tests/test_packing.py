@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.packing import make_packing_collator, pack_rows, pick_attention, unpack_features
+from training.packing import make_packing_collator, pack_rows, unpack_features
 
 VOCAB = 256
 
@@ -102,12 +102,6 @@ def test_first_label_of_each_conversation_is_ignored(rows):
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     assert len(starts) == len(rows)
     assert all(batch["labels"][0, s].item() == -100 for s in starts)
-
-
-def test_pick_attention():
-    assert pick_attention("eager", "cuda") == "eager"
-    assert pick_attention(None, "cpu") is None  # transformers' default, sdpa, honours packed position_ids
-    assert pick_attention(None, "cuda", "fp32") is None  # flash-attention has no fp32 kernels
 
 
 def test_pack_rows_rejects_bad_length(rows):

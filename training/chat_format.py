@@ -13,6 +13,10 @@ from typing import Any
 IGNORE_INDEX = -100  # what transformers' loss ignores
 
 
+class TemplateError(ValueError):
+    """The recipe's chat template setting cannot work with this tokenizer; str() names what to change."""
+
+
 def _ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                         return_dict=True)
@@ -90,7 +94,7 @@ def _named_template(name: str) -> str:
 
         source = AutoTokenizer.from_pretrained(path)
         if not source.chat_template:
-            raise ValueError(f"model.chat_template={name!r}: that tokenizer has no chat template")
+            raise TemplateError(f"model.chat_template={name!r}: that tokenizer has no chat template")
         return source.chat_template
     candidates = [TEMPLATE_DIR / f"{name}.jinja"]
     try:
@@ -102,7 +106,7 @@ def _named_template(name: str) -> str:
     for c in candidates:
         if c.is_file():
             return c.read_text()
-    raise ValueError(f"model.chat_template={name!r} is not accepted; use chatml, a .jinja file, a tokenizer dir "
+    raise TemplateError(f"model.chat_template={name!r} is not accepted; use chatml, a .jinja file, a tokenizer dir "
                      "or a TRL template name (trl/chat_templates/*.jinja)")
 
 
@@ -116,8 +120,8 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> list[int]:
     added: list[int] = []
     if not tokenizer.chat_template:
         if not chat_template:
-            raise ValueError("the base model's tokenizer has no chat template: set model.chat_template "
-                             "(chatml, a .jinja file or a tokenizer dir)")
+            raise TemplateError("the base model's tokenizer has no chat template: set model.chat_template "
+                                "(chatml, a .jinja file or a tokenizer dir)")
         template = _named_template(chat_template)
         # Markers like <|im_start|> must be single special tokens, as in models trained with that template.
         markers = list(dict.fromkeys(re.findall(r"<\|[A-Za-z_]+\|>", template)))

@@ -49,15 +49,17 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int) -> tuple[lis
     return examples, dropped
 
 
-def make_collator(cfg: TrainConfig, tokenizer):
-    """Padding collator (labels padded with -100); `train.packing` swaps in padding-free batches where sequences
+def make_collator(plan, tokenizer):
+    """Padding collator (labels padded with -100); where the plan packs, padding-free batches where sequences
     are concatenated and told apart by position_ids (training.packing: no attention or loss across them)."""
     from transformers import DataCollatorForSeq2Seq
 
-    if cfg.train.packing:
+    from training.hardware import FLASH
+
+    if plan.packing:
         from training.packing import make_packing_collator
 
-        return make_packing_collator()
+        return make_packing_collator(flash_attn_kwargs=plan.attention in FLASH)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
@@ -72,14 +74,15 @@ def _report_to(value: str) -> list[str]:
     return [] if value == "none" else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
+def training_arguments(cfg: TrainConfig, plan, has_eval: bool):
+    """The Trainer's arguments: the recipe's train section, precision/optimizer/Liger from the hardware plan
+    (training.hardware; a mode name is decided here for this machine)."""
     import torch
     from transformers import TrainingArguments
 
-    t = cfg.train
-    optim = t.optim
-    if "8bit" in optim and mode != "qlora":
-        optim = "adamw_torch"  # 8-bit optimizers need CUDA + bitsandbytes
+    from training.modeling import as_plan
+
+    t, plan = cfg.train, as_plan(plan, cfg)
     eval_every = t.eval_steps if has_eval and t.eval_steps > 0 else None
     return TrainingArguments(
         output_dir=t.output_dir,
@@ -93,7 +96,7 @@ def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=optim,
+        optim=plan.optim,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if eval_every else "no",
@@ -103,9 +106,11 @@ def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=mode in ("qlora", "bf16") and torch.cuda.is_available(),
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",  # with loss scaling; trainable weights are fp32 (modeling.upcast_trainable)
+        tf32=True if plan.tf32 else None,
         report_to=_report_to(t.report_to),
-        use_liger_kernel=t.use_liger and _liger_usable(),
+        use_liger_kernel=plan.liger,
         dataloader_num_workers=t.dataloader_num_workers,
         include_num_input_tokens_seen="non_padding",  # real tokens, for tokens/s
         ddp_find_unused_parameters=False,
@@ -114,23 +119,18 @@ def training_arguments(cfg: TrainConfig, mode: str, has_eval: bool):
     )
 
 
-def _liger_usable() -> bool:
-    from training.packing import liger_usable
-
-    if liger_usable():
-        return True
-    log("train.use_liger: Liger kernels need CUDA and liger-kernel; using the standard loss")
-    return False
-
-
-def build_trainer(cfg: TrainConfig, mode: str, model, tokenizer, train_rows: Sequence[dict],
+def build_trainer(cfg: TrainConfig, plan, model, tokenizer, train_rows: Sequence[dict],
                   eval_rows: Sequence[dict] = (), callbacks: Sequence[Any] = ()):
     """The Trainer `run` trains with (benchmarks/bench_train.py times this same object). With `train.packing` the
-    training rows are first packed into rows of at most train.max_length tokens (TRL's best-fit decreasing)."""
+    training rows are first packed into rows of at most train.max_length tokens (TRL's best-fit decreasing).
+    `plan`: the hardware plan, or a mode name decided here for this machine."""
     from datasets import Dataset
     from transformers import Trainer
 
-    if cfg.train.packing:
+    from training.modeling import as_plan
+
+    plan = as_plan(plan, cfg)
+    if plan.packing:
         from training.packing import pack_rows
 
         train_dataset = pack_rows(train_rows, cfg.train.max_length)
@@ -139,10 +139,10 @@ def build_trainer(cfg: TrainConfig, mode: str, model, tokenizer, train_rows: Seq
         train_dataset = Dataset.from_list(list(train_rows))
     return Trainer(
         model=model,
-        args=training_arguments(cfg, mode, has_eval=bool(eval_rows)),
+        args=training_arguments(cfg, plan, has_eval=bool(eval_rows)),
         train_dataset=train_dataset,
         eval_dataset=Dataset.from_list(list(eval_rows)) if eval_rows else None,
-        data_collator=make_collator(cfg, tokenizer),
+        data_collator=make_collator(plan, tokenizer),
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
@@ -200,13 +200,14 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from training.data import prepare_data
+    from training.data import DataError, prepare_data
     from training.data.preference import prepare_preference_data
     from training.merge import merge_adapter
-    from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, resolve_mode
+    from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, plan_training
     from training.preemption import SaveOnPreemption
-    from training.resume import RunRecord, find_resume_point
+    from training.progress import RunForecast
     from training.preference import build_preference_trainer, drop_reference_adapter
+    from training.resume import RunRecord, find_resume_point
 
     started = time.time()
     out = Path(cfg.train.output_dir)
@@ -215,8 +216,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     resolve_recipe_paths(cfg)
     save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)
-    mode = resolve_mode(cfg.model.mode)
-    log(f"mode={mode}  output_dir={out}")
+    log(f"output_dir={out}")
 
     # 1. Tokenizer with a chat template and pad != eos (so EOS stays a trained label).
     tokenizer = load_tokenizer(cfg.model)
@@ -225,6 +225,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # under DDP rank 0 writes OUT/base, the others then read it
         base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
+    plan = plan_training(cfg, base, new_token_ids)  # training.hardware: weights, precision, attention, Liger, ...
 
     # 2. Data: normalised messages, cleaned, mixed and split by training.data; then masked tensors.
     #    dpo/kto: prompts with rated replies (training.data.preference), tokenised by TRL's trainer itself.
@@ -241,15 +242,17 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         for reason, n in sorted(dropped.items()):
             log(f"{split}: dropped {n} rows: {reason}")
     if not train_rows:
-        raise ValueError("no usable training examples left after tokenisation; see the drops above")
+        raise DataError("no usable training examples left after tokenisation (drops above): check data.sources "
+                        f"or raise train.max_length (now {cfg.train.max_length})")
     log(f"examples: train={len(train_rows)} validation={len(eval_rows)}")
 
     # 3. Model: the base (4-bit / bf16 / fp32) with LoRA adapters.
-    model = load_model_for_training(base, cfg.model, cfg.lora, mode, tokenizer, new_token_ids)
+    model = load_model_for_training(base, cfg.model, cfg.lora, plan, tokenizer, new_token_ids)
     model.print_trainable_parameters()
 
     # 4. Train with transformers' Trainer (dpo/kto: TRL's DPOTrainer/KTOTrainer with the same arguments).
-    callbacks = list(callbacks)
+    tokens = sum(len(r.get("input_ids", ())) for r in train_rows)
+    callbacks = list(callbacks) + [RunForecast(plan, len(train_rows), tokens, log=log)]  # says the plan, then ETAs
     if cfg.hub.push_checkpoints and cfg.hub.push_to_hub:
         from training.hub import CheckpointPusher
 
@@ -259,9 +262,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     preemption = SaveOnPreemption(cfg.train.save_minutes, log=log)  # SIGTERM/SIGINT, train.save_minutes
     callbacks += [record, preemption]
     if cfg.train.objective == "sft":
-        trainer = build_trainer(cfg, mode, model, tokenizer, train_rows, eval_rows, callbacks)
+        trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, callbacks)
     else:
-        trainer = build_preference_trainer(cfg, training_arguments(cfg, mode, has_eval=bool(eval_rows)), model,
+        trainer = build_preference_trainer(cfg, training_arguments(cfg, plan, has_eval=bool(eval_rows)), model,
                                            tokenizer, train_rows, eval_rows, callbacks)
     resume_from = str(resume_point.path) if resume_point else None
     if not cfg.train.resume and (last := get_last_checkpoint(str(out))):
@@ -312,8 +315,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "train_runtime_s": train_runtime,
         "peak_memory_gb": round(peak_memory_gib()[0], 3),  # CUDA allocated on a GPU, else RSS
         "wall_time_s": round(time.time() - started, 1),
-        "mode": mode,
+        "mode": plan.mode,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "plan": plan.to_dict(),  # training.hardware: what was chosen on this device, and why
         "resumed_from": Path(resume_from).name if resume_from else None,
         "interruptions": record.interruptions,  # [{step, checkpoint, from: local | Hub repo}], oldest first
         "processes": trainer_world_size,
@@ -336,15 +340,20 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.config import ConfigError
+    from training.user_errors import USAGE_EXIT, explain
 
+    cfg = None
     try:
         cfg = parse_config(None if argv is None else list(argv))
         run(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    except Exception as exc:
+        line = explain(exc, cfg)  # a user mistake: one line naming what to change; anything else is a bug
+        if line is None:
+            raise
+    gc.collect()  # frees the failed run, whose progress bar then ends its line: the error line stands alone
+    print(f"error: {line}", file=sys.stderr)
+    return USAGE_EXIT
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ def model_card(cfg, summary: dict, data_report: dict | None = None) -> str:
     lines += ["", "## Training", "",
               "| setting | value |", "|---|---|",
               f"| mode | {summary.get('mode')} |",
+              *([f"| hardware | {_plan_words(summary['plan'])} |"] if summary.get("plan") else []),
               f"| LoRA | r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={', '.join(lora.target_modules)} |",
               f"| learning rate | {t.learning_rate} ({t.lr_scheduler_type}, warmup {t.warmup_ratio}) |",
               f"| batch | {t.per_device_train_batch_size} x grad-accum {t.gradient_accumulation_steps} |",
@@ -127,6 +128,12 @@ def _interruptions(resumes: list[dict]) -> str:
     """summary["interruptions"] as words: where each resume continued from."""
     return "; ".join(f"resumed at step {r['step']} from "
                      + ("output_dir" if r["from"] == "local" else f"the Hub repo {r['from']}") for r in resumes)
+
+
+def _plan_words(plan: dict) -> str:
+    """summary["plan"] (training.hardware.Plan) as one table cell."""
+    return (f"{plan['device']}: {plan['mode']}, {plan['precision']}, attention {plan['attention']}, "
+            f"packing {'on' if plan['packing'] else 'off'}, Liger {'on' if plan['liger'] else 'off'}, {plan['optim']}")
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from training.config import LoraSection, ModelConfig
+from training.config import LoraSection, ModelConfig, TrainConfig
+from training.hardware import Device, Plan, Request, decide, probe
 
 
 def resolve_base(model: ModelConfig) -> tuple[str, str | None]:
@@ -70,19 +71,35 @@ def materialize_gguf_base(model: ModelConfig, out_dir: Path, tokenizer) -> str:
     return str(out_dir)
 
 
+def base_facts(base: str, trust_remote_code: bool = False) -> tuple[str | None, bool]:
+    """(model_type, tied input/output embeddings) from the base's config.json - the plan needs both."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.model_type, bool(getattr(text, "tie_word_embeddings", False))
+
+
+def plan_training(cfg: TrainConfig, base: str | None = None, new_token_ids=(), device: Device | None = None,
+                  mode: str | None = None) -> Plan:
+    """The hardware plan (training.hardware.decide) for this recipe and base on `device` (default: this machine)."""
+    model_type, tied = base_facts(base, cfg.model.trust_remote_code) if base else (None, False)
+    request = Request(mode=mode or cfg.model.mode, precision=cfg.model.precision,
+                      attention=cfg.model.attn_implementation, packing=cfg.train.packing, liger=cfg.train.use_liger,
+                      optim=cfg.train.optim, model_type=model_type, new_token_rows=len(new_token_ids),
+                      tied_embeddings=tied, remote_code=cfg.model.trust_remote_code,
+                      lora_on_lm_head=bool({"lm_head", "embed_out"} & set(cfg.lora.target_modules)))
+    return decide(device or probe(), request)
+
+
+def as_plan(plan_or_mode: Plan | str, cfg: TrainConfig) -> Plan:
+    """A Plan as is; a mode name (what the benchmarks pass) is decided here for this machine."""
+    return plan_or_mode if isinstance(plan_or_mode, Plan) else plan_training(cfg, mode=plan_or_mode)
+
+
 def resolve_mode(mode: str) -> str:
-    """auto -> qlora when CUDA and bitsandbytes are there, else fp32; an explicit mode that cannot run fails."""
-    has_cuda = torch.cuda.is_available()
-    try:
-        import bitsandbytes  # noqa: F401
-        has_bnb = True
-    except Exception:  # bitsandbytes raises various errors on machines without CUDA
-        has_bnb = False
-    if mode == "auto":
-        return "qlora" if has_cuda and has_bnb else "fp32"
-    if mode == "qlora" and not (has_cuda and has_bnb):
-        raise ValueError("model.mode='qlora' needs CUDA and bitsandbytes; use model.mode=bf16 or fp32 (or auto)")
-    return mode
+    """The mode the plan picks on this machine (auto -> qlora / lora / fp32); PlanError if it cannot run here."""
+    return decide(probe(), Request(mode=mode)).mode
 
 
 def local_device_map():
@@ -92,33 +109,32 @@ def local_device_map():
     return None
 
 
-def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mode: str, tokenizer,
+def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, plan: Plan | str, tokenizer,
                             new_token_ids: list[int] = ()):
-    """The base with LoRA adapters attached, ready for Trainer."""
+    """The base with LoRA adapters attached, ready for Trainer, as `plan` says (a mode name is decided here)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from training.packing import pick_attention
-
-    kwargs = dict(trust_remote_code=model.trust_remote_code, device_map=local_device_map())
-    attn = pick_attention(model.attn_implementation, "cuda" if torch.cuda.is_available() else "cpu", mode)
-    if attn:
-        kwargs["attn_implementation"] = attn
-    if mode == "qlora":
+    if isinstance(plan, str):
+        plan = decide(probe(), Request(mode=plan, precision=model.precision, attention=model.attn_implementation))
+    kwargs = dict(trust_remote_code=model.trust_remote_code, device_map=local_device_map(),
+                  dtype=getattr(torch, plan.weights_dtype))
+    if plan.attn_implementation:
+        kwargs["attn_implementation"] = plan.attn_implementation
+    if plan.mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = torch.bfloat16 if mode == "bf16" else torch.float32
+            bnb_4bit_compute_dtype=getattr(torch, plan.bnb_compute_dtype))
     m = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if plan.mode == "qlora":
+        keep_4bit_matmuls_differentiable(m)
     if len(tokenizer) > m.get_input_embeddings().weight.shape[0]:
         m.resize_token_embeddings(len(tokenizer))
     m.config.pad_token_id = tokenizer.pad_token_id
     m.config.use_cache = False  # incompatible with gradient checkpointing; the merged model re-enables it
     # QLoRA skips peft's prepare_model_for_kbit_training: it upcasts every non-4-bit weight (embeddings, tied
     # lm_head, norms) to fp32, which doubles their memory and makes the logits fp32 - the bulk of naive QLoRA's
-    # VRAM. Under bf16 autocast the bf16 weights train as well; LoRA weights stay fp32 (peft's adapter autocast).
+    # VRAM. Under 16-bit autocast the 16-bit weights train as well; trainable weights stay fp32 (below).
     if model.gradient_checkpointing:
         m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph under checkpointing
@@ -128,4 +144,34 @@ def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, mo
         target_modules="all-linear" if target in (["all-linear"], "all-linear") else list(target),
         # Rows of tokens the template/pad added are random: train just those rows of the embedding.
         trainable_token_indices=list(new_token_ids) or None)
-    return get_peft_model(m, peft_cfg)
+    peft_model = get_peft_model(m, peft_cfg)
+    upcast_trainable(peft_model, getattr(torch, plan.trainable_dtype))
+    return peft_model
+
+
+def keep_4bit_matmuls_differentiable(model) -> int:
+    """Stop bitsandbytes' CPU repack of 4-bit weights; returns how many Linear4bit layers were switched.
+
+    On a CPU with AVX512-BF16, Linear4bit repacks its weight the first time it runs in eval mode without grad
+    (an evaluation) and from then on multiplies through gemv_4bit, which has no backward: training after an
+    eval gets no gradient through the frozen 4-bit matmuls. Measured on a tiny Llama: the first layer's LoRA
+    gradients were off by ~60% after one eval (tests/test_qlora_cpu.py checks they now match a run without it).
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def upcast_trainable(model, dtype=torch.float32) -> int:
+    """Trainable weights in `dtype` (fp32): under fp16 autocast the GradScaler refuses fp16 gradients, and bf16
+    updates of small weights round away. peft upcasts LoRA and trainable token rows itself; the biases that
+    lora.bias=all|lora_only trains stay in the base's dtype (6 fp16 tensors on a tiny Qwen2). Returns the count."""
+    n = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n

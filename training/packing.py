@@ -1,4 +1,5 @@
-"""Padding-free packing and the fast-path switches (attention kernel, fused loss) for the training step.
+"""Padding-free packing for the training step (whether a device packs, and with which attention, is
+training.hardware's decision).
 
 Packing = TRL's best-fit-decreasing `pack_dataset` groups tokenised conversations into rows of at most
 `max_length` tokens (it records each row's `seq_lengths`); the collator splits those rows back into
@@ -10,12 +11,7 @@ and the first label of each conversation is -100 so no loss crosses it either.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Callable, Sequence
-
-# Attention implementations that keep packed conversations apart when given position_ids and no mask
-# (transformers 5: masking_utils.find_packed_sequence_indices / modeling_flash_attention_utils._is_packed_sequence).
-PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 def pack_rows(rows: Sequence[dict], max_length: int):
@@ -56,25 +52,3 @@ def make_packing_collator(flash_attn_kwargs: bool = False) -> Callable[[Sequence
         return flatten(unpack_features(features))
 
     return collate
-
-
-def has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def pick_attention(requested: str | None, device: str, mode: str = "bf16") -> str | None:
-    """The attention implementation to load the model with: the configured one, else flash_attention_2 on CUDA
-    in a 16-bit mode when the flash-attn package is installed (varlen kernel, no mask), else transformers'
-    default (sdpa, which gets a block-diagonal mask from the packed position_ids)."""
-    if requested:
-        return requested
-    if device == "cuda" and mode in ("qlora", "bf16") and has_flash_attn():
-        return "flash_attention_2"
-    return None
-
-
-def liger_usable() -> bool:
-    """Liger's Triton kernels (fused linear + cross-entropy: no full logits tensor) need CUDA and liger-kernel."""
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None

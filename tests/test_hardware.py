@@ -1,0 +1,154 @@
+"""The hardware decision over a table of real devices: precision, 4-bit dtypes, attention, packing, Liger and
+optimizer on CPU, T4, V100, A10G, L4, A100 and H100, and the overrides that win or fail with one line."""
+from __future__ import annotations
+
+import pytest
+
+from training.hardware import Device, PlanError, Request, decide
+
+ALL = frozenset({"bitsandbytes", "flash_attn", "liger_kernel"})
+BNB = frozenset({"bitsandbytes"})
+
+# name, capability, memory (GiB as torch reports it)
+DEVICES = {
+    "cpu": Device(name="cpu", memory_gib=24, count=2),
+    "T4": Device(name="Tesla T4", capability=(7, 5), memory_gib=14.7),
+    "V100-16": Device(name="Tesla V100-SXM2-16GB", capability=(7, 0), memory_gib=15.8),
+    "V100-32": Device(name="Tesla V100-SXM2-32GB", capability=(7, 0), memory_gib=31.7),
+    "A10G": Device(name="NVIDIA A10G", capability=(8, 6), memory_gib=22.1),
+    "L4": Device(name="NVIDIA L4", capability=(8, 9), memory_gib=22.2),
+    "A100-40": Device(name="NVIDIA A100-SXM4-40GB", capability=(8, 0), memory_gib=39.4),
+    "A100-80": Device(name="NVIDIA A100-SXM4-80GB", capability=(8, 0), memory_gib=79.2),
+    "H100": Device(name="NVIDIA H100 80GB HBM3", capability=(9, 0), memory_gib=79.1),
+}
+
+# What the reference recipe (llama-3.2-1b-finetome: mode auto, adamw_8bit, packing, Liger) gets on each device
+# with requirements-train + requirements-gpu + flash-attn installed:
+#   device: (mode, precision, bnb compute dtype, attention, liger, optim, tf32)
+EXPECTED = {
+    "cpu": ("fp32", "fp32", None, "default", False, "adamw_8bit", False),
+    "T4": ("qlora", "fp16", "float16", "default", False, "adamw_8bit", False),
+    "V100-16": ("qlora", "fp16", "float16", "default", False, "adamw_8bit", False),
+    "V100-32": ("qlora", "fp16", "float16", "default", False, "adamw_8bit", False),
+    "A10G": ("qlora", "bf16", "bfloat16", "flash_attention_2", True, "adamw_8bit", True),
+    "L4": ("qlora", "bf16", "bfloat16", "flash_attention_2", True, "adamw_8bit", True),
+    "A100-40": ("qlora", "bf16", "bfloat16", "flash_attention_2", True, "adamw_8bit", True),
+    "A100-80": ("qlora", "bf16", "bfloat16", "flash_attention_2", True, "adamw_8bit", True),
+    "H100": ("qlora", "bf16", "bfloat16", "flash_attention_2", True, "adamw_8bit", True),
+}
+
+RECIPE = Request(mode="auto", packing=True, liger=True, optim="adamw_8bit", model_type="llama",
+                 tied_embeddings=True)
+
+
+def _with(device: Device, packages=ALL) -> Device:
+    return Device(device.name, device.capability, device.memory_gib, frozenset(packages), device.count,
+                  frozenset({"llama", "qwen2", "mistral"}))
+
+
+@pytest.mark.parametrize("name", DEVICES)
+def test_reference_recipe_on_each_device(name):
+    plan = decide(_with(DEVICES[name]), RECIPE)
+    got = (plan.mode, plan.precision, plan.bnb_compute_dtype, plan.attention, plan.liger, plan.optim, plan.tf32)
+    assert got == EXPECTED[name]
+    assert plan.packing  # every attention path chosen here splits packed rows by position_ids
+    assert plan.trainable_dtype == "float32"
+    # Unquantised weights (embeddings, norms, lm_head) in the compute dtype: never bf16 where it is emulated.
+    assert plan.weights_dtype == {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[plan.precision]
+    assert set(plan.reasons) == {"mode", "precision", "attention", "packing", "liger", "optim"}
+
+
+@pytest.mark.parametrize("name", ["T4", "V100-16", "V100-32"])
+def test_no_bf16_before_ampere_even_when_asked_for_16_bit_lora(name):
+    """torch.cuda.is_bf16_supported() answers True on sm75/sm70 through emulation; the plan must not believe it."""
+    for mode in ("auto", "qlora", "lora"):
+        plan = decide(_with(DEVICES[name]), Request(mode=mode))
+        assert plan.precision == "fp16" and "bfloat16" not in (plan.weights_dtype, plan.bnb_compute_dtype)
+        assert "no native bf16" in plan.reasons["precision"]
+
+
+def test_liger_off_on_pre_ampere_and_cpu_with_reason():
+    assert "sm75" in decide(_with(DEVICES["T4"]), RECIPE).reasons["liger"]
+    assert "CUDA" in decide(_with(DEVICES["cpu"]), RECIPE).reasons["liger"]
+    plan = decide(_with(DEVICES["H100"], {"bitsandbytes"}), RECIPE)
+    assert not plan.liger and "not installed" in plan.reasons["liger"]
+
+
+def test_liger_off_when_new_token_rows_train_on_tied_embeddings():
+    """Liger's fused loss multiplies by lm_head.weight itself: peft's trainable token rows (tied to the input
+    embedding) would be skipped in training but present after the merge."""
+    h100 = _with(DEVICES["H100"])
+    grown = Request(mode="auto", liger=True, model_type="llama", new_token_rows=3, tied_embeddings=True)
+    plan = decide(h100, grown)
+    assert not plan.liger and "3 token rows" in plan.reasons["liger"] and "lm_head.weight" in plan.reasons["liger"]
+    assert decide(h100, Request(mode="auto", liger=True, model_type="llama", new_token_rows=3)).liger  # untied
+    on_head = decide(h100, Request(mode="auto", liger=True, model_type="llama", lora_on_lm_head=True))
+    assert not on_head.liger and "lm_head" in on_head.reasons["liger"]
+    other = decide(h100, Request(mode="auto", liger=True, model_type="gpt_neo"))
+    assert not other.liger and "gpt_neo" in other.reasons["liger"]
+
+
+def test_flash_attention_needs_ampere_install_and_16_bit():
+    assert decide(_with(DEVICES["A10G"], BNB), RECIPE).attention == "default"  # not installed: sdpa
+    assert decide(_with(DEVICES["T4"]), RECIPE).attention == "default"        # installed, but sm75
+    assert decide(_with(DEVICES["H100"]), Request(mode="fp32")).attention == "default"  # no fp32 kernels
+    with pytest.raises(PlanError, match=r"flash_attention_2 needs an Ampere.*Tesla T4 \(sm75"):
+        decide(_with(DEVICES["T4"]), Request(attention="flash_attention_2"))
+    with pytest.raises(PlanError, match="pip install flash-attn"):
+        decide(_with(DEVICES["A100-40"], BNB), Request(attention="flash_attention_2"))
+    assert decide(_with(DEVICES["T4"]), Request(attention="eager")).attention == "eager"
+
+
+def test_packing_only_where_attention_reads_position_ids():
+    plan = decide(_with(DEVICES["H100"]), RECIPE)
+    assert plan.packing and "varlen" in plan.reasons["packing"]
+    assert "block-diagonal" in decide(_with(DEVICES["T4"]), RECIPE).reasons["packing"]
+    assert not decide(_with(DEVICES["H100"]), Request(packing=True, attention="paged_attention")).packing
+    assert not decide(_with(DEVICES["H100"]), Request(packing=True, remote_code=True)).packing
+    assert not decide(_with(DEVICES["H100"]), Request(packing=False)).packing
+
+
+def test_cpu_qlora_runs_with_fp32_compute_and_unpaged_8bit_adamw():
+    plan = decide(_with(DEVICES["cpu"], BNB), Request(mode="qlora", optim="paged_adamw_8bit"))
+    assert (plan.mode, plan.precision, plan.bnb_compute_dtype, plan.weights_dtype) == \
+        ("qlora", "fp32", "float32", "float32")
+    assert plan.optim == "adamw_8bit" and "CUDA" in plan.reasons["optim"]
+    assert decide(_with(DEVICES["T4"], BNB), Request(optim="paged_adamw_8bit")).optim == "paged_adamw_8bit"
+    no_bnb = decide(_with(DEVICES["cpu"], ()), Request(optim="adamw_8bit"))
+    assert no_bnb.optim == "adamw_torch" and "bitsandbytes" in no_bnb.reasons["optim"]
+
+
+def test_auto_mode_without_bitsandbytes_is_16_bit_lora_on_gpu_fp32_on_cpu():
+    assert decide(_with(DEVICES["L4"], ()), Request()).mode == "lora"
+    assert decide(_with(DEVICES["L4"], ()), Request()).weights_dtype == "bfloat16"
+    assert decide(_with(DEVICES["T4"], ()), Request()).weights_dtype == "float16"
+    assert decide(_with(DEVICES["cpu"], BNB), Request()).mode == "fp32"
+
+
+def test_overrides_win_or_fail_with_one_line():
+    t4, cpu = _with(DEVICES["T4"]), _with(DEVICES["cpu"])
+    forced = decide(t4, Request(precision="bf16"))
+    assert forced.precision == "bf16" and "emulated" in forced.reasons["precision"]
+    assert decide(_with(DEVICES["H100"]), Request(precision="fp16")).precision == "fp16"
+    assert decide(_with(DEVICES["H100"]), Request(mode="fp32")).precision == "fp32"
+    assert decide(_with(DEVICES["H100"]), Request(mode="bf16")).mode == "lora"  # the older name of 16-bit LoRA
+    assert decide(t4, Request(mode="bf16")).precision == "bf16"
+    for device, req, match in [
+        (cpu, Request(precision="fp16"), r"model\.precision=fp16 needs a CUDA GPU"),
+        (_with(DEVICES["cpu"], ()), Request(mode="qlora"), r"model\.mode=qlora needs bitsandbytes: pip install"),
+        (t4, Request(mode="bf16", precision="fp16"), r"use model\.mode=lora with model\.precision=fp16"),
+        (t4, Request(mode="gpu"), r"model\.mode='gpu' is not valid; accepted: auto, qlora"),
+    ]:
+        with pytest.raises(PlanError, match=match) as exc:
+            decide(device, req)
+        assert "\n" not in str(exc.value)
+
+
+def test_probe_describes_this_machine():
+    from training.hardware import probe
+
+    device = probe()
+    assert device.cuda == __import__("torch").cuda.is_available()
+    assert device.memory_gib > 0 and "bitsandbytes" in device.packages  # requirements-train installs it
+    plan = decide(device, Request())
+    assert plan.device == device.describe()

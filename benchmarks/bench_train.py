@@ -110,7 +110,7 @@ def _naive_model(ckpt: str, cfg, mode: str):
 
     from training.modeling import local_device_map
 
-    kwargs = dict(device_map=local_device_map(), dtype=torch.bfloat16 if mode in ("qlora", "bf16") else torch.float32)
+    kwargs = dict(device_map=local_device_map(), dtype=torch.bfloat16 if mode in ("qlora", "bf16", "lora") else torch.float32)
     if mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -134,7 +134,7 @@ def _unsloth_model(ckpt: str, cfg, mode: str):
 
     model, _ = FastLanguageModel.from_pretrained(
         model_name=ckpt, max_seq_length=cfg.train.max_length, load_in_4bit=mode == "qlora",
-        dtype=torch.bfloat16 if mode in ("qlora", "bf16") else torch.float32, local_files_only=True)
+        dtype=torch.bfloat16 if mode in ("qlora", "bf16", "lora") else torch.float32, local_files_only=True)
     return FastLanguageModel.get_peft_model(
         model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

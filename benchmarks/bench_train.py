@@ -110,7 +110,8 @@ def _naive_model(ckpt: str, cfg, mode: str):
 
     from training.modeling import local_device_map
 
-    kwargs = dict(device_map=local_device_map(), dtype=torch.bfloat16 if mode in ("qlora", "bf16", "lora") else torch.float32)
+    kwargs = dict(device_map=local_device_map(),
+                  dtype=torch.bfloat16 if mode in ("qlora", "bf16", "lora") else torch.float32)
     if mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

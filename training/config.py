@@ -29,10 +29,10 @@ class ModelConfig:
     name_or_path: str = "embedded"     # HF dir or Hub id; a .gguf file; "embedded" = the Space's SmolLM2 GGUF
     gguf_file: str | None = None       # GGUF file name inside name_or_path (loaded dequantised to fp32)
     chat_template: str | None = None   # used only when the base has none: "chatml", a .jinja file or a tokenizer dir
-    mode: str = "auto"                 # auto | qlora (4-bit base) | lora (16-bit base) | fp32 | bf16 (= lora in bf16); auto: qlora on a GPU with bitsandbytes, fp32 on CPU
+    mode: str = "auto"                 # auto (GPU: qlora, CPU: fp32) | qlora (4-bit base) | lora (16-bit) | fp32 | bf16
     precision: str = "auto"            # auto | bf16 | fp16 | fp32; auto: bf16 on sm80+, fp16 on older GPUs, fp32 on CPU
     gradient_checkpointing: bool = True
-    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2; None = flash_attention_2 on sm80+ with flash-attn, else sdpa
+    attn_implementation: str | None = None  # sdpa, eager, flash_attention_2; None: flash-attn on sm80+, else sdpa
     trust_remote_code: bool = False
 
 
@@ -59,7 +59,7 @@ class TrainSection:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str = "adamw_8bit"          # 8-bit AdamW needs bitsandbytes (CPU too), else adamw_torch; paged_* on CUDA only
+    optim: str = "adamw_8bit"          # 8-bit needs bitsandbytes (CPU too; else adamw_torch); paged_*: CUDA only
     logging_steps: int = 10
     eval_steps: int = 250              # eval loss on the validation split every N steps (0 = only at the end)
     save_steps: int = 1250             # checkpoint every N steps
@@ -69,7 +69,7 @@ class TrainSection:
     report_to: str = "auto"            # auto (tensorboard/wandb when installed) | none | tensorboard | wandb | a,b
     resume: bool = False               # continue from the newest checkpoint: OUT/checkpoint-N, else the Hub repo's
     packing: bool = False              # padding-free batches (position_ids) instead of padding
-    use_liger: bool = False            # Liger fused kernels / linear+cross-entropy (sm80+ GPU, liger-kernel; off with new token rows)
+    use_liger: bool = False            # Liger fused linear+cross-entropy etc. (sm80+, liger-kernel; not with new rows)
     dataloader_num_workers: int = 0
     objective: str = "sft"             # sft | dpo | kto (preference data: training/data/preference.py)
     beta: float = 0.1                  # dpo/kto: how far from the base model the trained one may move

@@ -342,5 +342,18 @@ def test_save_minutes_checkpoints_between_save_steps(tmp_path, tiny_llama_dir):
     cfg = _cfg(tmp_path, tiny_llama_dir, "run", **{"train.max_steps": 3, "train.save_steps": 100,
                                                    "train.save_minutes": 1e-6})
     run(cfg)
-    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == \
-        ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+    # Resuming a checkpoint written before runs carried a RunRecord (Trainer would fail on its missing slot);
+    # the record then travels on in the new checkpoints.
+    shutil.rmtree(out / "checkpoint-3")
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["stateful_callbacks"].pop("RunRecord")["args"]["recipe"]["lora.r"] == 8
+    state_file.write_text(json.dumps(state))
+    summary = run(apply_overrides(cfg, {"train.resume": True}))
+    assert summary["steps"] == 3
+    assert summary["interruptions"] == [{"step": 2, "checkpoint": "checkpoint-2", "from": "local"}]
+    record = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]["RunRecord"]
+    assert record["args"]["interruptions"] == summary["interruptions"]

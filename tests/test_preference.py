@@ -101,6 +101,41 @@ def test_prompts_are_held_out_whole(tmp_path):
         assert len(data.train) == (60 if objective == "kto" else 30)
 
 
+# ---------------------------------------------------------------- preference rate
+
+def test_preference_rate_scores_replies_on_the_training_mask(tiny_llama_dir, tmp_path):
+    from training.heldout import heldout_loss, load_for_loss
+    from training.preference_rate import preference_rate
+
+    model, tok = load_for_loss(tiny_llama_dir)
+    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "How are you?"}]
+    a, b = "Fine, thanks.", "I refuse to answer that question."
+    ab = preference_rate(model, tok, [{"prompt": prompt, "chosen": a, "rejected": b}])
+    ba = preference_rate(model, tok, [{"prompt": prompt, "chosen": b, "rejected": a}])
+    assert ab["pairs"] == 1 and ab["preference_rate"] + ba["preference_rate"] == 1
+    assert ab["mean_margin"] == pytest.approx(-ba["mean_margin"])
+    # The margin is the difference of the replies' summed log-probabilities over the tokens training labels (the
+    # earlier assistant turn is shared, so it cancels): what heldout_loss sums for the same conversations.
+    total = lambda reply: -(lambda r: r["loss"] * r["tokens"])(  # noqa: E731
+        heldout_loss(model, tok, [{"messages": prompt + [{"role": "assistant", "content": reply}]}]))
+    assert ab["mean_margin"] == pytest.approx(total(a) - total(b), abs=1e-3)
+
+
+def test_evaluate_reports_the_preference_rate_beside_the_loss(tiny_llama_dir, tmp_path):
+    from training.evaluate import evaluate
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [{"role": "user", "content": f"Q{i}"},
+                                                             {"role": "assistant", "content": f"A{i}"}]} for i in range(3)])
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"Q{i}", "chosen": f"Yes {i}.", "rejected": "No."}
+                                                   for i in range(5)])
+    results = evaluate([("tiny", str(tiny_llama_dir))], str(sft), tmp_path / "eval", generation=False,
+                       preference_data=str(prefs))
+    (row,) = results["rows"]
+    assert row["loss"] > 0 and row["pairs"] == 5 and 0 <= row["preference_rate"] <= 1
+    assert "preference rate" in (tmp_path / "eval" / "results.md").read_text()
+
+
 # ---------------------------------------------------------------- the loop on a tiny model
 
 def space_records(folder: Path, n: int, seed: int) -> list[dict]:
@@ -177,7 +212,7 @@ def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, rec
     import llama_cpp
 
     from training.data.preference import prepare_preference_data as prepare
-    from training.evaluate import load_for_loss
+    from training.heldout import load_for_loss
     from training.finetune import run
     from training.preference_rate import preference_rate
 

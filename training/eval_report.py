@@ -7,7 +7,8 @@ from pathlib import Path
 CARD_BEGIN, CARD_END = "<!-- evaluate.py results begin -->", "<!-- evaluate.py results end -->"
 
 COLUMNS = [("model", "model", "{}"), ("variant", "variant", "{}"), ("loss", "held-out loss", "{:.4f}"),
-           ("perplexity", "ppl", "{:.2f}"), ("stop_rate", "stops", "{:.0%}"),
+           ("perplexity", "ppl", "{:.2f}"), ("preference_rate", "preference rate", "{:.0%}"),
+           ("mean_margin", "margin nats", "{:+.1f}"), ("stop_rate", "stops", "{:.0%}"),
            ("mean_new_tokens", "mean tokens", "{:.0f}"), ("distinct_1", "distinct-1", "{:.2f}"),
            ("distinct_2", "distinct-2", "{:.2f}"), ("ttft_s", "TTFT s", "{:.2f}"),
            ("decode_tps", "decode tok/s", "{:.1f}"), ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
@@ -28,6 +29,10 @@ def results_markdown(results: dict) -> str:
               "token (the training mask), ppl = exp(loss). Speed: the Space's backend on "
               f"{(results.get('generation') or {}).get('threads')} CPU thread(s), median time to first token, decode "
               "tok/s = tokens after the first / their time; peak RSS of a fresh process serving that file alone."]
+    if data.get("preference_pairs"):
+        lines.append(f"Preference rate: share of {data['preference_pairs']} held-out pairs ({data.get('preference_source')}) "
+                     "where the model gives the chosen reply a higher log-probability (summed over the reply's trained "
+                     "tokens) than the rejected one; margin = mean log p(chosen) - log p(rejected).")
     best = {}
     for r in rows:
         if r.get("loss") is not None:

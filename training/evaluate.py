@@ -31,6 +31,7 @@ from training.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
 from training.judge import make_judge, pairwise_win_rate
 from training.paths import REPO_ROOT
 from training.peak_memory import peak_rss_bytes
+from training.preference_rate import load_heldout_pairs, preference_rate
 
 DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
 
@@ -264,8 +265,9 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
              transformers_speed: bool = False, judge: Callable[[list[dict]], str] | None = None,
              max_length: int = 2048, max_rows: int | None = None, chat_template: str | None = None,
              max_new_tokens: int = 200, temperature: float = 0.2, top_p: float = 0.9, seed: int = 0,
-             threads: int = 2, n_ctx: int = 2048) -> dict:
-    """Every model on the same held-out rows and prompts; writes results.{md,json} and quality_vs_speed.png."""
+             threads: int = 2, n_ctx: int = 2048, preference_data: str | None = None) -> dict:
+    """Every model on the same held-out rows and prompts; writes results.{md,json} and quality_vs_speed.png.
+    With preference_data, also each model's preference rate on its held-out pairs (training.preference_rate)."""
     out = Path(out)
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
@@ -273,6 +275,7 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
     specs = [resolve_model(n, v) for n, v in models]
     rows_data, data_what = load_heldout(data, max_rows)
     prompt_sets = load_prompts(prompts) if generation else []
+    pairs, pairs_what = load_heldout_pairs(preference_data) if preference_data else ([], None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_data))
     log(f"held-out: {len(rows_data)} conversations ({data_what}); prompts: {len(prompt_sets)}")
@@ -297,6 +300,8 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
                     log(f"{spec.name}/{v['variant']}: held-out loss")
                     model, tok = load_for_loss(v["loss_from"], chat_template)
                     row.update(heldout_loss(model, tok, rows_data, max_length))
+                    if pairs:
+                        row.update(preference_rate(model, tok, pairs, max_length))
                     del model
                 except DataError as exc:
                     raise EvalError(f"--data: {exc}") from None
@@ -334,7 +339,8 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
                     r["judge_win_rate"] = judged["win_rate"][r["model"]] = rate
 
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "data": {"source": data_what, "rows": len(rows_data)},
+               "data": {"source": data_what, "rows": len(rows_data), "preference_pairs": len(pairs) or None,
+                        "preference_source": pairs_what},
                "prompts": str(prompts) if generation else None,
                "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                               "seed": seed, "threads": threads, "n_ctx": n_ctx},
@@ -354,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", nargs="+", required=True, metavar="NAME=SPEC",
                    help="embedded | run dir | HF dir or Hub id | .gguf file; the first is the reference")
     p.add_argument("--data", required=True, help="held-out data: a data file, a recipe YAML or a run dir")
+    p.add_argument("--preference-data", help="held-out preference pairs for the preference rate: a dpo/kto recipe "
+                   "or run dir (its held-out prompts) or a preference data file")
     p.add_argument("--out", default="runs/eval", help="output dir (default: runs/eval)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt set for the generation checks")
     p.add_argument("--quants", nargs="+", default=[], help="GGUF quantisations to compare (exported from an "
@@ -404,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            transformers_speed=args.transformers_speed, judge=judge, max_length=args.max_length,
                            max_rows=args.max_rows, chat_template=args.chat_template,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                           seed=args.seed, threads=args.threads, n_ctx=args.n_ctx)
+                           seed=args.seed, threads=args.threads, n_ctx=args.n_ctx,
+                           preference_data=args.preference_data)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

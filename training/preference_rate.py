@@ -6,6 +6,7 @@ so a DPO / KTO run is judged on what it was trained to move. Ties count half; 0.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 from training.chat_format import IGNORE_INDEX, encode_conversation, prompt_ids
@@ -62,3 +63,31 @@ def preference_rate(model, tokenizer, pairs: Sequence[dict], max_length: int = 2
     wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
     return {"preference_rate": wins / len(margins), "mean_margin": sum(margins) / len(margins),
             "pairs": len(margins), "skipped_pairs": skipped}
+
+
+def load_heldout_pairs(source: str) -> tuple[list[dict], str]:
+    """(pairs, description) from a dpo/kto recipe or its run dir (the prompts that recipe holds out, as finetune.py
+    splits them) or a preference data file (all its pairs: pairs, ratings or the Space's feedback records)."""
+    from training.data import DataConfig, DataError, SourceConfig
+    from training.data.preference import dpo_rows, heldout_pairs, load_judgements, prepare_preference_data
+
+    path = Path(source).expanduser()
+    recipe = path / "config.yaml" if path.is_dir() and (path / "config.yaml").is_file() else \
+        path if path.suffix in (".yaml", ".yml") else None
+    if recipe is not None:
+        from training.config import load_config
+        from training.paths import resolve_recipe_paths
+
+        cfg = load_config(recipe)
+        resolve_recipe_paths(cfg)
+        pairs = heldout_pairs(prepare_preference_data(cfg.data, "dpo", log=None).validation)
+        what = f"held-out prompts of {recipe}"
+    else:
+        found, ratings, _ = load_judgements(DataConfig(sources=[SourceConfig(path=source)]), log=lambda _m: None)
+        pairs = [{"prompt": r["prompt"], "chosen": r["chosen"][-1]["content"], "rejected": r["rejected"][-1]["content"]}
+                 for r in dpo_rows(found, ratings)]
+        what = str(source)
+    if not pairs:
+        raise DataError(f"--preference-data {source!r} gives no held-out pair; accepted: a dpo/kto recipe or run dir "
+                        "whose held-out prompts have a desirable and an undesirable reply, or a preference data file")
+    return pairs, what

@@ -223,4 +223,7 @@ def attach(chat, settings: Settings, backend, log: FeedbackLog | None = None) ->
     chat.chatbot.retry(on_retry, inputs, None, **common)
     chat.textbox.submit(on_submit, inputs, None, **common)
     chat.chatbot.clear(on_clear, None, None, **common)
+    for start in (getattr(chat, "new_chat_button", None), getattr(chat, "chat_history_dataset", None)):
+        if start is not None:  # save_history: "New chat" or a saved chat opened is another conversation
+            start.click(on_clear, None, None, **common)
     return collector

@@ -101,6 +101,27 @@ def test_prompts_are_held_out_whole(tmp_path):
         assert len(data.train) == (60 if objective == "kto" else 30)
 
 
+def test_the_shipped_feedback_sample_is_reproducible_and_feeds_the_kto_recipe(tmp_path):
+    import importlib.util
+
+    from training.config import load_config
+    from training.paths import REPO_ROOT, resolve_recipe_paths
+
+    spec = importlib.util.spec_from_file_location("make_feedback", REPO_ROOT / "training/samples/make_feedback.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = (REPO_ROOT / "training/samples/feedback.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in shipped] == module.build()
+    cfg = load_config(REPO_ROOT / "training/configs/smollm2-135m-kto-cpu.yaml")
+    resolve_recipe_paths(cfg)
+    assert cfg.train.objective == "kto"
+    data = prepare_preference_data(cfg.data, "kto", log=None)
+    (source,) = data.report.sources
+    assert source.format == "feedback" and source.dropped["bad_label"] == 1 and source.dropped["not_starting_with_user"] == 1
+    assert source.dropped["withdrawn"] >= 1
+    assert len(heldout_pairs(data.validation)) == 20 and {r["label"] for r in data.train} == {True, False}
+
+
 # ---------------------------------------------------------------- preference rate
 
 def test_preference_rate_scores_replies_on_the_training_mask(tiny_llama_dir, tmp_path):

@@ -318,6 +318,8 @@ def prepare_preference_data(cfg: DataConfig, objective: str, log: Callable[[str]
         if s.dropped:
             log(f"data: {s.name}: dropped " + ", ".join(f"{n} {k}" for k, n in sorted(s.dropped.items())))
     report.train_rows, report.validation_rows = len(train), len(validation)
+    if len(report.sources) == 1:
+        report.sources[0].validation, report.sources[0].train = len(validation), len(train)
     report.train_lengths = [sum(len(m["content"]) for m in r["prompt"]) for r in train]
     report.validation_lengths = [sum(len(m["content"]) for m in r["prompt"]) for r in validation]
     if not train:

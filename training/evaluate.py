@@ -5,18 +5,14 @@
 
 Per model (NAME=SPEC: `embedded`, a finetune.py run dir, an HF dir or Hub id, or a .gguf): held-out loss
 (training.heldout), answers to a prompt set with stop rate and repetition, and serving cost through the Space's own
-backends, each in a fresh process. Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png, OUT/heldout.jsonl.
+backends (training.serving_cost). Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png, OUT/heldout.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +26,8 @@ from training.eval_report import append_to_model_card, plot_quality_vs_speed, re
 from training.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
 from training.judge import make_judge, pairwise_win_rate
 from training.paths import REPO_ROOT
-from training.peak_memory import peak_rss_bytes
 from training.preference_rate import load_heldout_pairs, preference_rate
+from training.serving_cost import measure_serving
 
 DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
 
@@ -202,62 +198,6 @@ def generation_metrics(answers: Sequence[dict]) -> dict[str, Any]:
             "distinct_2": mean([distinct_n(a["text"], 2) for a in answers])}
 
 
-# ---------------------------------------------------------------- serving cost (one fresh process per model)
-
-def _serve_worker(job: dict) -> dict:
-    """Runs in its own process: load the model with the Space's backend code, answer every prompt, time it."""
-    from chatbot.backends import GenerationParams, load_backend
-    from chatbot.settings import load_settings
-    from chatbot.timing import ReplyClock
-
-    env = {"CHATBOT_BACKEND": job["backend"], "CHATBOT_MODEL": job["model"], "CHATBOT_THREADS": str(job["threads"]),
-           "CHATBOT_N_CTX": str(job["n_ctx"]), "CHATBOT_MAX_NEW_TOKENS": str(job["max_new_tokens"])}
-    settings = load_settings(env)
-    started = time.perf_counter()
-    backend = load_backend(settings)
-    load_s = time.perf_counter() - started
-    params = GenerationParams(max_new_tokens=job["max_new_tokens"], temperature=job["temperature"],
-                              top_p=job["top_p"], seed=job["seed"])
-    for _ in backend.stream(job["prompts"][0], GenerationParams(max_new_tokens=4, temperature=0.0)):
-        pass  # warm-up: first-call allocations are not what a user waits for
-    answers, ttfts, decode_tokens, decode_s = [], [], 0, 0.0
-    for messages in job["prompts"]:
-        text, finish, clock = [], None, ReplyClock()
-        for chunk in backend.stream(messages, params):
-            clock.add(chunk.text, chunk.tokens)
-            text.append(chunk.text)
-            finish = chunk.finish_reason or finish
-        if clock.ttft is not None:
-            ttfts.append(clock.ttft)
-            if clock.decode_tps is not None:  # pooled: tokens after the first, over the time they took
-                decode_tokens += clock.tokens - clock.tokens_at_first
-                decode_s += clock.decode_s
-        answers.append({"prompt": messages[-1]["content"], "text": "".join(text), "finish_reason": finish,
-                        "tokens": clock.tokens})
-    return {"answers": answers, "load_s": load_s,
-            "ttft_s": statistics.median(ttfts) if ttfts else None,
-            "decode_tps": decode_tokens / decode_s if decode_s else None,
-            "peak_rss_mib": peak_rss_bytes() / 2**20}
-
-
-def measure_serving(backend: str, model: str, prompts: list[list[dict]], *, max_new_tokens: int = 200,
-                    temperature: float = 0.2, top_p: float = 0.9, seed: int = 0, threads: int = 2,
-                    n_ctx: int = 2048, timeout: float = 1800) -> dict:
-    """_serve_worker in a fresh Python process, so peak RSS is this model's alone."""
-    job = dict(backend=backend, model=model, prompts=prompts, max_new_tokens=max_new_tokens, threads=threads,
-               temperature=temperature, top_p=top_p, seed=seed, n_ctx=n_ctx)
-    with tempfile.TemporaryDirectory() as tmp:
-        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_file.write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--serve-worker", str(job_file), str(out_file)],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not out_file.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"{backend} serving {model} failed (exit {proc.returncode}): {tail[0]}")
-        return json.loads(out_file.read_text())
-
-
 # ---------------------------------------------------------------- the comparison
 
 def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, prompts: str | Path = DEFAULT_PROMPTS,
@@ -389,11 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from chatbot.settings import ConfigError as ChatbotConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--serve-worker"]:
-        job = json.loads(Path(argv[1]).read_text())
-        Path(argv[2]).write_text(json.dumps(_serve_worker(job)))
-        return 0
     args = build_parser().parse_args(argv)
     try:
         for opt, value, lo in (("--max-length", args.max_length, 2), ("--max-new-tokens", args.max_new_tokens, 1),

@@ -155,6 +155,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
                                    base_cfg.model.chat_template, device)
         results["baseline"] = heldout_loss(model, tok, heldout, base_cfg.train.max_length)
         del model
+        torch.cuda.empty_cache()  # the VRAM goes back to the next point's training process
         log(f"untrained base: held-out loss {results['baseline']['loss']:.4f}")
     for i, (point, cfg) in enumerate(zip(points, configs)):
         entry: dict[str, Any] = {"run": i, "label": _label(point), "overrides": point,
@@ -170,6 +171,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
                 model, tok = load_for_loss(Path(cfg.train.output_dir) / "merged", device=device)
                 entry.update(heldout_loss(model, tok, heldout, cfg.train.max_length))
                 del model
+                torch.cuda.empty_cache()
             except Exception as exc:  # one failing point must not lose the others
                 trained["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if "error" in trained:  # e.g. out of memory

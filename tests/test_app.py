@@ -72,7 +72,7 @@ def test_reply_streams_in_pieces_and_settings_reach_the_backend(app):
     params = backend.calls[-1]["params"]
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.3, 0.8, 40)
     # Left out by this caller: the settings' defaults apply.
-    assert (params.repeat_penalty, params.min_p) == (1.1, 0.05)
+    assert (params.repeat_penalty, params.min_p) == (1.2, 0.05)
 
 
 def test_repetition_penalty_and_min_p_reach_the_backend(app):

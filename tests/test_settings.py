@@ -11,7 +11,7 @@ def test_nothing_set_gives_the_embedded_llama_cpp_default():
     assert s.backend == "llama_cpp" and s.model is None and s.gguf_file is None
     assert s.n_ctx > 0 and 0 < s.max_new_tokens < s.n_ctx
     assert s.threads >= 1
-    assert s.repeat_penalty == 1.1 and s.min_p == 0.05 and s.cache_mb == 1024
+    assert s.repeat_penalty == 1.2 and s.min_p == 0.05 and s.cache_mb == 1024
 
 
 def test_values_are_parsed():

@@ -16,7 +16,7 @@ class GenerationParams:
     min_p: float = 0.05          # drop tokens below min_p × the top token's probability (llama.cpp's default)
     repeat_penalty: float = 1.0  # llama.cpp's meaning: logits of tokens among the last REPEAT_LAST_N generated ones
     #                              are divided (positive) or multiplied (negative) by it; 1 = off. The app passes
-    #                              CHATBOT_REPEAT_PENALTY (default 1.1), so here 1.0 keeps the plain model's reply.
+    #                              CHATBOT_REPEAT_PENALTY (default 1.2), so here 1.0 keeps the plain model's reply.
     seed: int | None = None
 
 

@@ -36,7 +36,11 @@ def open_chat(page, url):
     page.locator(CHAT_INPUT).wait_for()
 
 
+_BEFORE: dict[int, tuple[int, str]] = {}  # per page: (bot messages, last bot text) when the last message was sent
+
+
 def send(page, text):
+    _BEFORE[id(page)] = (len(bot_texts(page)), last_bot(page))
     box = page.locator(CHAT_INPUT)
     box.fill(text)  # waits until the box is enabled again after the previous reply
     box.press("Enter")
@@ -65,8 +69,11 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def wait_idle(page, timeout: float = 30):
-    # A reply starts busy; wait for that, then for the submit button to come back.
-    wait_until(lambda: busy(page) or last_bot(page), 10, "the reply to start")
+    """Wait for the reply to start (the stop button shows, or the chat changed since the last send: a reply can be
+    over between two looks), then for the submit button to come back. An earlier reply on the page does not count:
+    on a loaded machine the request can take a moment to start."""
+    before = _BEFORE.get(id(page), (0, ""))
+    wait_until(lambda: busy(page) or (len(bot_texts(page)), last_bot(page)) != before, 10, "the reply to start")
     wait_until(lambda: not busy(page) and page.locator("button.submit-button").is_visible(), timeout,
                "the reply to finish")
 

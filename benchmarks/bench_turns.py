@@ -2,6 +2,7 @@
 
     python benchmarks/bench_turns.py [--visitors 4] [--turns 10] [--reply-tokens 64] [--threads 2]
                                      [--app-visitors N] [--loop-prompts 16] [--loop-tokens 256] [--penalties 1.0,1.1,1.2]
+                                     [--tables turns,loops,transformers]
 
 Table 1: visitors take turns (v1 t1, v2 t1, ..., v1 t2, ...), each holding a 10-turn conversation with user
 messages of everyday lengths. Every request goes to two llama_cpp backends on the embedded model, prompt cache on
@@ -13,6 +14,9 @@ visitors, and turn 10 over turn 1 per visitor.
 Table 2: every prompt of an everyday set answered at the old defaults (temperature 0.2, top-p 0.9, no repetition
 penalty) and the new ones. An answer loops when the word 8-grams that occur again cover >= 10% of its words;
 stop rate = answers that ended by themselves before --loop-tokens.
+
+--tables transformers: one conversation through the transformers backend, each turn with and without the key/value
+cache it keeps of the last conversation.
 """
 from __future__ import annotations
 
@@ -239,6 +243,30 @@ def loop_table(args) -> None:
         print(f"| {label} | {loop_share:.0%} | {stop_rate:.0%} | {mean_words:.0f} |")
 
 
+def transformers_table(args) -> None:
+    """One visitor through the transformers backend (the embedded GGUF dequantised to fp32): each turn asked twice,
+    with the kept key/value cache of the previous turn and without it (the backend keeps the last conversation only)."""
+    from chatbot.model_files import embedded_gguf_path
+
+    backend = load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_MODEL": str(embedded_gguf_path()),
+                                          "CHATBOT_THREADS": str(args.threads)}))
+    params = GenerationParams(max_new_tokens=args.reply_tokens, temperature=0.0,
+                              repeat_penalty=load_settings({}).repeat_penalty)
+    history = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
+    print(f"\nTransformers backend, one conversation, {args.reply_tokens}-token replies, greedy, {args.threads} threads")
+    print("| turn | prompt tokens | TTFT, last conversation's cache kept | TTFT without | same reply |")
+    print("|---|---|---|---|---|")
+    for turn in range(args.turns):
+        history.append({"role": "user", "content": TURNS[turn % len(TURNS)]})
+        kept, backend.kept = backend.kept, None
+        t_off, reply_off, _ = ask(backend, history, params)
+        backend.kept = kept
+        t_on, reply, _ = ask(backend, history, params)
+        print(f"| {turn + 1} | {backend.count_tokens(history)} | {t_on:.2f} | {t_off:.2f} | "
+              f"{'yes' if reply == reply_off else 'no'} |", flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--visitors", type=int, default=4)
@@ -251,13 +279,13 @@ def main() -> None:
     parser.add_argument("--loop-prompts", type=int, default=len(LOOP_PROMPTS))
     parser.add_argument("--loop-tokens", type=int, default=256)
     parser.add_argument("--penalties", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.1, 1.2])
-    parser.add_argument("--skip", choices=["turns", "loops"], help="leave one table out")
+    parser.add_argument("--tables", default="turns,loops",
+                        help="comma-separated: turns, loops, transformers (the transformers backend's kept cache)")
     args = parser.parse_args()
     args.app_visitors = min(args.app_visitors, args.visitors)
-    if args.skip != "turns":
-        turns_table(args)
-    if args.skip != "loops":
-        loop_table(args)
+    tables = {"turns": turns_table, "loops": loop_table, "transformers": transformers_table}
+    for name in args.tables.split(","):
+        tables[name.strip()](args)
 
 
 if __name__ == "__main__":

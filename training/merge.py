@@ -206,6 +206,9 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, token
     old_vocab = text_config.vocab_size
     saved_rows = [c[1].shape[0] for cs in changes.values() for c in cs if c[0] == "full"]
     new_vocab = max([old_vocab, len(tokenizer), *saved_rows])
+    if new_vocab > old_vocab and not any(part in name for name in files for part in VOCAB_TENSORS):
+        log_fn("merge: in memory with peft (the vocabulary grew and the base's embedding has an unknown name)")
+        return merge_adapter_in_memory(base, adapter_dir, out_dir, tokenizer, dtype, trust_remote_code)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir)
     for name, path in files.items():

@@ -247,6 +247,7 @@ def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, rec
     assert after["pairs"] == before["pairs"] == 12
     assert after["preference_rate"] > before["preference_rate"] and after["mean_margin"] > before["mean_margin"]
     assert summary["steps"] == 24 and summary["final_eval_loss"] is not None
+    assert f"| objective | {objective} (beta 0.1) |" in (out / "README.md").read_text()
     # The adapter holds the trained weights only (TRL's frozen reference copy is gone) and merges as for SFT.
     assert not (out / "adapter" / "ref").exists()
     (gguf,) = sorted((out / "gguf").glob("*.gguf"))

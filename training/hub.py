@@ -70,7 +70,8 @@ def model_card(cfg, summary: dict, data_report: dict | None = None) -> str:
     gguf = _gguf_pattern(summary)
     datasets = [s.path for s in data.sources if not Path(s.path).exists()]  # Hub ids go in the metadata
     meta: dict[str, Any] = {"base_model": base, "library_name": "transformers",
-                            "tags": ["lora", "qlora" if summary.get("mode") == "qlora" else "peft", "chat"],
+                            "tags": ["lora", "qlora" if summary.get("mode") == "qlora" else "peft", "chat"]
+                            + ([t.objective] if t.objective != "sft" else []),
                             "pipeline_tag": "text-generation"}
     if datasets:
         meta["datasets"] = datasets
@@ -104,6 +105,7 @@ def model_card(cfg, summary: dict, data_report: dict | None = None) -> str:
     lines += ["", "## Training", "",
               "| setting | value |", "|---|---|",
               f"| mode | {summary.get('mode')} |",
+              f"| objective | {t.objective}" + (f" (beta {t.beta})" if t.objective != "sft" else "") + " |",
               *([f"| hardware | {_plan_words(summary['plan'])} |"] if summary.get("plan") else []),
               f"| LoRA | r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, targets={', '.join(lora.target_modules)} |",
               f"| learning rate | {t.learning_rate} ({t.lr_scheduler_type}, warmup {t.warmup_ratio}) |",

@@ -183,6 +183,11 @@ def open_log(settings: Settings, hf_api: Any = None) -> FeedbackLog | None:
         return None
     if not settings.feedback_dataset:
         return FeedbackLog(settings.feedback_dir)
+    from huggingface_hub import get_token
+
+    if hf_api is None and not get_token():
+        raise ConfigError(f"CHATBOT_FEEDBACK_DATASET={settings.feedback_dataset!r} is not valid without a token; "
+                          "accepted: a dataset repo id you can write to, with a write token in HF_TOKEN")
     try:
         return FeedbackLog(settings.feedback_dir, settings.feedback_dataset, hf_api=hf_api)
     except Exception as exc:  # no token, no write access, offline: say which setting to change

@@ -228,3 +228,13 @@ def test_feedback_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(ConfigError, match="CHATBOT_FEEDBACK_DIR="):
         load_settings({"CHATBOT_FEEDBACK_DIR": str(tmp_path / "f")})
+
+
+def test_feedback_dataset_without_a_token_is_one_clear_error(tmp_path, monkeypatch):
+    from chatbot.feedback import open_log
+
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # neither HF_TOKEN nor a stored login
+    settings = load_settings({"CHATBOT_FEEDBACK_DIR": str(tmp_path / "fb"), "CHATBOT_FEEDBACK_DATASET": "me/data"})
+    with pytest.raises(ConfigError, match=r"^CHATBOT_FEEDBACK_DATASET='me/data' is not valid without a token; "
+                                          r"accepted: .*HF_TOKEN$"):
+        open_log(settings)

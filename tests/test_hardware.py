@@ -144,6 +144,14 @@ def test_overrides_win_or_fail_with_one_line():
         assert "\n" not in str(exc.value)
 
 
+def test_default_attention_is_named_once_the_model_is_loaded():
+    plan = decide(_with(DEVICES["T4"]), RECIPE)
+    assert plan.attn_implementation is None  # from_pretrained keeps the architecture's default
+    assert plan.with_attention("sdpa").attention == "sdpa"
+    flash = decide(_with(DEVICES["H100"]), RECIPE)
+    assert flash.attn_implementation == "flash_attention_2" and flash.with_attention("sdpa") == flash
+
+
 def test_probe_describes_this_machine():
     from training.hardware import probe
 

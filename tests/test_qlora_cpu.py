@@ -106,6 +106,7 @@ def test_qlora_trains_4bit_with_8bit_adamw_and_new_rows(qlora_run):
     plan = summary["plan"]
     assert (plan["mode"], plan["precision"], plan["bnb_compute_dtype"]) == ("qlora", "fp32", "float32")
     assert plan["optim"] == "adamw_8bit"  # paged_ pages through CUDA memory; the plain 8-bit AdamW on CPU
+    assert plan["attention"] == "sdpa"  # the architecture's default, as loaded
     assert seen["layer"] == "Linear4bit"
     assert seen["optimizer"].startswith("bitsandbytes.") and torch.uint8 in seen["state_dtypes"]
     out = tmp / "split"

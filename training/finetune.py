@@ -248,6 +248,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
 
     # 3. Model: the base (4-bit / bf16 / fp32) with LoRA adapters.
     model = load_model_for_training(base, cfg.model, cfg.lora, plan, tokenizer, new_token_ids)
+    plan = plan.with_attention(model.config._attn_implementation)  # "default" -> what the architecture uses (sdpa)
     model.print_trainable_parameters()
 
     # 4. Train with transformers' Trainer (dpo/kto: TRL's DPOTrainer/KTOTrainer with the same arguments).

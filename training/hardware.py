@@ -104,6 +104,10 @@ class Plan:
         """The from_pretrained argument: None leaves the architecture's default (sdpa where it exists)."""
         return None if self.attention == "default" else self.attention
 
+    def with_attention(self, loaded: str | None) -> Plan:
+        """"default" replaced by what the architecture picked once loaded (model.config._attn_implementation)."""
+        return dataclasses.replace(self, attention=loaded) if self.attention == "default" and loaded else self
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -162,9 +166,10 @@ def _attention(device: Device, req: Request, precision: str) -> tuple[str, str]:
     if device.cuda and device.sm >= 80 and has_fa and precision in ("bf16", "fp16"):
         return "flash_attention_2", "flash-attn installed, sm80+: varlen kernel, no mask"
     if device.cuda and device.sm >= 80 and precision in ("bf16", "fp16"):
-        return "default", "sdpa (pip install flash-attn for the varlen kernel)"
-    return "default", "sdpa where the architecture has it" + (
-        "; flash-attn 2 needs sm80+" if device.cuda and has_fa else "")
+        return "default", "the architecture's default; pip install flash-attn for its varlen kernel"
+    needs = ("16-bit compute" if device.cuda and device.sm >= 80 else f"sm80+, this is sm{device.sm}" if device.cuda
+             else "a GPU")
+    return "default", f"the architecture's default; flash-attn 2 needs {needs}"
 
 
 def _packing(req: Request, attention: str) -> tuple[bool, str]:

@@ -37,7 +37,7 @@ def _oom(cfg) -> str:
              if t.per_device_train_batch_size > 1 else None,
              f"train.max_length={max(128, t.max_length // 2)}" if t.max_length > 256 else None,
              "model.gradient_checkpointing=true" if not m.gradient_checkpointing else None,
-             "model.mode=qlora" if m.mode != "qlora" else None]
+             "model.mode=qlora" if m.mode in ("lora", "bf16", "fp32") else None]  # auto is qlora on a GPU already
     return "out of GPU memory: try " + " or ".join(h for h in hints if h)
 
 

@@ -59,6 +59,9 @@ def test_bad_values_name_option_and_accepted():
         apply_overrides(TrainConfig(), {"r": "eight"})
     with pytest.raises(ConfigError, match=r"model\.mode='gpu'.*qlora"):
         apply_overrides(TrainConfig(), {"mode": "gpu"})
+    with pytest.raises(ConfigError, match=r"model\.precision='fp8'.*auto, bf16, fp16, fp32"):
+        apply_overrides(TrainConfig(), {"precision": "fp8"})
+    assert apply_overrides(TrainConfig(), {"mode": "lora", "precision": "fp16"}).model.precision == "fp16"
     with pytest.raises(ConfigError, match=r"train\.save_steps must be >= 1"):
         apply_overrides(TrainConfig(), {"save_steps": 0})
 

@@ -205,8 +205,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     from training.merge import merge_adapter
     from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, plan_training
     from training.preemption import SaveOnPreemption
-    from training.progress import RunForecast
     from training.preference import build_preference_trainer, drop_reference_adapter
+    from training.progress import RunForecast
     from training.resume import RunRecord, find_resume_point
 
     started = time.time()

@@ -88,7 +88,9 @@ def qlora_run(tmp_path_factory, base_without_template):
         seen.setdefault("optimizer", type(inner).__module__ + "." + type(inner).__name__)
         seen.setdefault("state_dtypes", set()).update(
             v.dtype for s in inner.state.values() for k, v in s.items() if k.startswith("state"))
-        seen.setdefault("layer", type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__)
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        seen.setdefault("layer", (type(layer).__name__, layer.weight.quant_state.quant_type,
+                                  layer.weight.quant_state.nested))  # nested = double quantisation
         if state.global_step >= 4 and not seen.get("resumed"):
             control.should_training_stop = True
 
@@ -107,7 +109,7 @@ def test_qlora_trains_4bit_with_8bit_adamw_and_new_rows(qlora_run):
     assert (plan["mode"], plan["precision"], plan["bnb_compute_dtype"]) == ("qlora", "fp32", "float32")
     assert plan["optim"] == "adamw_8bit"  # paged_ pages through CUDA memory; the plain 8-bit AdamW on CPU
     assert plan["attention"] == "sdpa"  # the architecture's default, as loaded
-    assert seen["layer"] == "Linear4bit"
+    assert seen["layer"] == ("Linear4bit", "nf4", True)
     assert seen["optimizer"].startswith("bitsandbytes.") and torch.uint8 in seen["state_dtypes"]
     out = tmp / "split"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -114,6 +114,15 @@ def test_out_of_memory_at_the_first_step(tmp_path, tiny_llama_dir, capsys, monke
     assert "train.max_length=512" in line and "model.mode=qlora" in line
 
 
+def test_upload_offline_names_push_to_hub_and_where_the_files_are(tmp_path, tiny_llama_dir, capsys):
+    """The run trains and writes its outputs, then the upload (HF_HUB_OFFLINE=1 in tests) cannot happen."""
+    line = _one_line_exit_2(capsys, ["--config", str(_recipe(tmp_path, tiny_llama_dir)),
+                                     "--push-to-hub", "alice/tiny-tuned"])
+    assert line == (f"error: upload to hub.push_to_hub=alice/tiny-tuned failed (offline (HF_HUB_OFFLINE=1)): set "
+                    f"HF_TOKEN to a token with write access and go online; the trained files are in {tmp_path / 'out'}")
+    assert (tmp_path / "out" / "merged" / "config.json").is_file()
+
+
 def test_a_bug_keeps_its_traceback(tmp_path, tiny_llama_dir, monkeypatch):
     from transformers import Trainer
 

@@ -51,7 +51,17 @@ def explain(exc: BaseException, cfg=None) -> str | None:
     from training.data import DataError
     from training.hardware import PlanError
 
-    for e in _chain(exc):
+    chain = list(_chain(exc))
+    push = cfg.hub.push_to_hub if cfg is not None else None
+    pushing = push and any("/api/repos/create" in str(e) or getattr(e, "repo_id", None) == push or push in str(e)
+                           for e in chain)
+    for e in chain:
+        if pushing and isinstance(e, (hub.HfHubHTTPError, ConnectionError)):
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            why = f"HTTP {status}" if status else "offline (HF_HUB_OFFLINE=1)" if isinstance(
+                e, hub.OfflineModeIsEnabled) else "no connection"
+            return (f"upload to hub.push_to_hub={push} failed ({why}): set HF_TOKEN to a token with write access and "
+                    f"go online; the trained files are in {cfg.train.output_dir}")
         if isinstance(e, (ConfigError, PlanError, DataError, TemplateError)):
             return _one_line(e)
         if isinstance(e, torch.OutOfMemoryError):  # the CUDA caching allocator's (torch.cuda.OutOfMemoryError)
@@ -74,6 +84,9 @@ def explain(exc: BaseException, cfg=None) -> str | None:
         if isinstance(e, hub.HFValidationError):
             name = cfg.model.name_or_path if cfg is not None else "the model"
             return f"model.name_or_path={name!r} is neither a local folder nor a Hub repo id (owner/name)"
+        if isinstance(e, ConnectionError) or type(e).__name__ in ("ConnectError", "ConnectTimeout"):
+            return ("cannot reach the Hugging Face Hub: check the network, or set HF_HUB_OFFLINE=1 to use only the "
+                    "local cache")
         if isinstance(e, ValueError) and "trust_remote_code" in str(e):
             return "this model ships its own modelling code: set model.trust_remote_code=true if you trust it"
         if isinstance(e, ValueError) and str(e).startswith("Target modules") and "not found" in str(e):

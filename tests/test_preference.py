@@ -253,3 +253,17 @@ def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, rec
     (gguf,) = sorted((out / "gguf").glob("*.gguf"))
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=1, verbose=False)
     assert llm.metadata.get("tokenizer.chat_template")
+
+
+def test_an_interrupted_kto_run_resumes_from_its_checkpoint(records_dir, tiny_model_dir, tmp_path):
+    from training.finetune import run
+
+    def cfg(max_steps: int, resume: bool) -> TrainConfig:
+        return apply_overrides(preference_cfg(records_dir, tiny_model_dir, tmp_path / "out", "kto"), {
+            "train.max_steps": max_steps, "train.save_steps": 4, "train.resume": resume, "export.merge": False,
+            "export.gguf": False})
+
+    assert run(cfg(8, False))["steps"] == 8
+    resumed = run(cfg(12, True))
+    assert resumed["steps"] == 12 and resumed["resumed_from"] == "checkpoint-8"
+    assert not (tmp_path / "out" / "adapter" / "ref").exists()

@@ -160,3 +160,33 @@ def test_probe_describes_this_machine():
     assert device.memory_gib > 0 and "bitsandbytes" in device.packages  # requirements-train installs it
     plan = decide(device, Request())
     assert plan.device == device.describe()
+
+
+def test_a_t4_plan_reaches_the_trainer_and_the_model(tmp_path, tiny_qwen2_dir):
+    """finetune and modeling follow the plan, not the machine: a T4 plan built here trains fp16 with loss scaling,
+    4-bit matmuls in fp16, frozen weights in fp16 and every trainable tensor in fp32 (the GradScaler refuses fp16
+    gradients) - including the biases lora.bias=all trains, which peft leaves in the base's dtype."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from training.config import LoraSection, ModelConfig, TrainConfig
+    from training.finetune import training_arguments
+    from training.modeling import load_model_for_training
+
+    t4 = _with(DEVICES["T4"], BNB)
+    cfg = TrainConfig()
+    cfg.train.output_dir, cfg.train.report_to, cfg.train.optim = str(tmp_path), "none", "adamw_8bit"
+    args = training_arguments(cfg, decide(t4, Request(optim="adamw_8bit")), has_eval=False)
+    assert (args.fp16, args.bf16, args.optim.value) == (True, False, "adamw_8bit")
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen2_dir)
+    for mode in ("lora", "qlora"):
+        plan = decide(t4, Request(mode=mode))
+        model = load_model_for_training(str(tiny_qwen2_dir), ModelConfig(gradient_checkpointing=False),
+                                        LoraSection(r=4, bias="all"), plan, tok)
+        trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        assert trainable == {torch.float32} and frozen == {torch.float16}, (mode, trainable, frozen)
+        if mode == "qlora":
+            q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+            assert type(q_proj).__name__ == "Linear4bit" and q_proj.compute_dtype == torch.float16

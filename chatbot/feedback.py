@@ -63,7 +63,7 @@ class FeedbackLog:
 
 def where(settings: Settings) -> str:
     """Where records go, in words, for the notice on the page."""
-    dataset = f" and pushed to the private Hugging Face dataset `{settings.feedback_dataset}`" \
+    dataset = f" and pushed to the Hugging Face dataset `{settings.feedback_dataset}`" \
         if settings.feedback_dataset else ""
     return f"saved on this server (`{settings.feedback_dir}`){dataset}"
 

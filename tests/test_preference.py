@@ -188,22 +188,8 @@ def space_records(folder: Path, n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer_dir):
-    """tiny-llama with its embeddings scaled up 8x, so LoRA can move its logits (see tests/test_finetune.py)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from training.shapes import build_random_model
-
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    model = build_random_model("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("tiny-llama-scaled")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def tiny_model_dir(scaled_tiny_llama_dir):
+    return scaled_tiny_llama_dir
 
 
 @pytest.fixture(scope="module")

@@ -33,23 +33,10 @@ def _jsonl(path: Path, rows) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_without_template(tmp_path_factory, smollm2_tokenizer_dir):
-    """tiny-llama (tied embeddings, scaled up so LoRA can move the loss) with SmolLM2's tokenizer minus its
-    chat template: the recipe's template then adds tokens."""
-    from transformers import AutoTokenizer
-
-    from training.shapes import build_random_model
-
-    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    tok.chat_template = None
-    model = build_random_model("tiny-llama", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)
-    out = tmp_path_factory.mktemp("tiny-llama-no-template")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def base_without_template(scaled_tiny_llama_without_template_dir):
+    """tiny-llama (tied embeddings, scaled up so LoRA can move the loss) with no chat template: the recipe's
+    template then adds tokens."""
+    return scaled_tiny_llama_without_template_dir
 
 
 def _cfg(tmp: Path, base: Path, out: str, **overrides) -> TrainConfig:

@@ -127,7 +127,7 @@ def _mode(device: Device, req: Request) -> tuple[str, str, str]:
     if mode != "auto":
         return mode, precision, "set by model.mode"
     if not device.cuda:
-        return "fp32", precision, "auto on CPU: fp32 LoRA (4-bit and 16-bit matmuls are slower on CPU)"
+        return "fp32", precision, "auto on CPU: fp32 LoRA trains the very weights it merges (4-bit saves memory only)"
     if has_bnb:
         return "qlora", precision, "auto on a GPU with bitsandbytes: 4-bit nf4 base"
     return "lora", precision, "auto on a GPU without bitsandbytes: 16-bit base (pip install bitsandbytes for 4-bit)"

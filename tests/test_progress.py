@@ -75,3 +75,13 @@ def test_plan_lines_cover_every_decision_and_durations_read_well():
         assert f"\n{word} " in "\n" + text
     assert "4-bit nf4" in text and "bf16 autocast, TF32 matmuls" in text and "flash_attention_2" in text
     assert [duration(s) for s in (42, 600, 3 * 3600)] == ["42 s", "10 min", "3.0 h"]
+
+
+def test_preference_rows_not_yet_tokenised_are_not_called_zero_tokens():
+    lines = []
+    forecast = RunForecast(decide(Device(), Request()), examples=12, tokens=0, log=lines.append, clock=FakeClock())
+    args = SimpleNamespace(gradient_accumulation_steps=1, per_device_train_batch_size=2, world_size=1)
+    state = SimpleNamespace(max_steps=6, global_step=0, is_world_process_zero=True)
+    forecast.on_train_begin(args, state, None, train_dataloader=range(6))
+    data = [line for line in lines if line.startswith("plan: data")]
+    assert data == ["plan: data       12 examples"], lines

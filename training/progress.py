@@ -58,8 +58,11 @@ class RunForecast(TrainerCallback):
             return
         for line in plan_lines(self.plan):
             self.log(f"plan: {line}")
-        mean = self.tokens / self.examples if self.examples else 0
-        self.log(f"plan: data       {self.examples:,} examples, {self.tokens:,} tokens (mean {mean:.0f} per example)")
+        if self.tokens:
+            mean = self.tokens / self.examples if self.examples else 0
+            self.log(f"plan: data       {self.examples:,} examples, {self.tokens:,} tokens (mean {mean:.0f} per example)")
+        else:  # dpo/kto rows are tokenised later, by TRL's trainer
+            self.log(f"plan: data       {self.examples:,} examples")
         epochs = state.max_steps / self.steps_per_epoch if self.steps_per_epoch else 0
         done = f", {state.global_step} already done" if state.global_step else ""
         self.log(f"plan: steps      {state.max_steps:,} optimizer steps = {epochs:.2f} epochs of "

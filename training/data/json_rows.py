@@ -87,27 +87,29 @@ def salvage_records(text: str) -> list[Any]:
         return []
     i = _WS.match(text, i + 1).end()
     while text.startswith('"', i):
-        try:
-            _, i = decoder.raw_decode(text, i)  # the key
-        except json.JSONDecodeError:
+        i = _skip_value(text, i, decoder, ":")  # the key
+        if i is None:
             return []
-        i = _WS.match(text, i).end()
-        if not text.startswith(":", i):
-            return []
-        i = _WS.match(text, i + 1).end()
         if text.startswith("[", i):
             items = _array_items(text, i, decoder)
             if items and isinstance(items[0], dict):
                 return items
-        try:
-            _, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
+        i = _skip_value(text, i, decoder, ",")
+        if i is None:
             return []
-        i = _WS.match(text, i).end()
-        if not text.startswith(",", i):
-            return []
-        i = _WS.match(text, i + 1).end()
     return []
+
+
+def _skip_value(text: str, i: int, decoder: json.JSONDecoder, separator: str) -> int | None:
+    """The position after the value at text[i] and the `separator` that must follow it; None if either is missing."""
+    try:
+        _, i = decoder.raw_decode(text, i)
+    except json.JSONDecodeError:
+        return None
+    i = _WS.match(text, i).end()
+    if not text.startswith(separator, i):
+        return None
+    return _WS.match(text, i + 1).end()
 
 
 def describe_json_error(name: str, text: str, error: json.JSONDecodeError, complete: int) -> str:

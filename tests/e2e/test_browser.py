@@ -95,6 +95,12 @@ def watch_reply(page, timeout: float = 30) -> list[str]:
     return seen
 
 
+def assert_ended_by_itself(page):
+    """The stats line names how a reply ended unless the model ended it itself (finish reason "stop")."""
+    stats = page.locator("#reply-stats").inner_text()
+    assert "tokens/s" in stats and "stopped" not in stats, stats
+
+
 def test_reply_streams_in(mock_app, page, artifacts):
     open_chat(page, mock_app)
     send(page, "Hello there")
@@ -109,8 +115,7 @@ def test_reply_streams_in(mock_app, page, artifacts):
     assert len(growing) >= 3, f"the reply arrived in {len(growing)} piece(s), not streamed: {growing}"
     for shorter, longer in zip(growing, growing[1:]):
         assert longer.startswith(shorter) and len(longer) > len(shorter), (shorter, longer)
-    stats = page.locator("#reply-stats").inner_text()
-    assert "tokens/s" in stats and "stopped" not in stats, stats
+    assert_ended_by_itself(page)
     page.screenshot(path=artifacts / "mock-streamed.png")
 
 
@@ -173,9 +178,7 @@ def test_embedded_smollm2_answers_and_stops_by_itself(smollm2_app, page, artifac
     send(page, "What is the capital of France?")
     answer = watch_reply(page, timeout=90)[-1]
     assert answer, "empty answer"
-    stats = page.locator("#reply-stats").inner_text()
-    # The stats line names how a reply ended unless the model ended it itself (finish reason "stop").
-    assert "tokens/s" in stats and "stopped" not in stats, stats
+    assert_ended_by_itself(page)
     page.screenshot(path=artifacts / "smollm2-answer.png")
 
 

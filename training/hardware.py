@@ -1,24 +1,10 @@
 """How a run trains on this machine: one decision from the device and the recipe, read by everything else.
 
-`decide(device, request)` is pure: a `Device` (name, CUDA compute capability, memory, which of bitsandbytes /
-flash-attn / liger-kernel are installed) and a `Request` (the recipe's model.mode, model.precision,
-model.attn_implementation, train.packing, train.use_liger, train.optim, and the model facts that matter) give a
-`Plan`: base weights (4-bit / 16-bit / fp32), precision, 4-bit compute dtype, attention, packing, Liger, optimizer,
-each with the reason. `probe()` describes the real device. An explicit setting that cannot run there raises
-`PlanError` (one line, naming what to change).
-
-Rules (tests/test_hardware.py checks them over CPU, T4, V100, A10G, L4, A100, H100):
-- precision: bf16 only where it is native (sm80+: Ampere, Ada, Hopper). Before that (T4 sm75, V100 sm70)
-  `torch.cuda.is_bf16_supported()` answers True through emulation: no tensor cores and SDPA's math kernel, so
-  fp16 with loss scaling, trainable weights (LoRA, new token rows) kept in fp32 for the GradScaler. CPU: fp32.
-- attention: flash_attention_2 only on sm80+ with flash-attn installed and 16-bit compute (flash-attn 2 refuses
-  older GPUs at the first forward); otherwise the architecture's default (sdpa where it has it).
-- packing: transformers 5 splits packed rows by their restarting position_ids only for the attention paths in
-  masking_utils.ALL_MASK_ATTENTION_FUNCTIONS (sdpa / eager / flex: a block-diagonal mask; flash: the varlen kernel),
-  and only when the batch carries no attention_mask and no cache - what training.packing's collator sends.
-- Liger: CUDA sm80+ with liger-kernel, a model type it patches, and only where its fused loss trains the same model
-  that is merged: it multiplies by `lm_head.weight` itself, so new token rows trained on tied embeddings (peft's
-  trainable tokens) or a LoRA on lm_head would be skipped in training but present after the merge.
+`decide(device, request)` is pure: a `Device` (name, compute capability, memory, installed bitsandbytes /
+flash-attn / liger-kernel) and a `Request` (the recipe's choices and the model facts that matter) give a `Plan`:
+base weights, precision, 4-bit compute dtype, attention, packing, Liger and optimizer, each with its reason.
+`probe()` describes the real device. An explicit setting that cannot run there raises `PlanError` (one line).
+The rules and why: each rule's function below; the table per GPU: README, "What the kit chooses on each GPU".
 """
 from __future__ import annotations
 
@@ -134,6 +120,8 @@ def _mode(device: Device, req: Request) -> tuple[str, str, str]:
 
 
 def _precision(device: Device, mode: str, asked: str) -> tuple[str, str]:
+    # T4 (sm75) / V100 (sm70): torch.cuda.is_bf16_supported() answers True through emulation (no tensor cores,
+    # SDPA falls back to its math kernel), so bf16 is chosen only from sm80 on.
     if asked == "fp16" and not device.cuda:
         raise PlanError("model.precision=fp16 needs a CUDA GPU (mixed precision with loss scaling); "
                         "use model.precision=fp32 or auto on CPU")
@@ -173,6 +161,9 @@ def _attention(device: Device, req: Request, precision: str) -> tuple[str, str]:
 
 
 def _packing(req: Request, attention: str) -> tuple[bool, str]:
+    # transformers 5 splits packed rows by their restarting position_ids only in masking_utils' attention paths
+    # (sdpa / eager / flex: a block-diagonal mask; flash: varlen), and only for a batch with no attention_mask
+    # and no cache, which is what training.packing's collator sends.
     if not req.packing:
         return False, "train.packing=false: padded batches"
     if req.remote_code:

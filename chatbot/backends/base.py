@@ -17,7 +17,10 @@ class GenerationParams:
     repeat_penalty: float = 1.0  # llama.cpp's meaning: logits of tokens among the last REPEAT_LAST_N generated ones
     #                              are divided (positive) or multiplied (negative) by it; 1 = off. The app passes
     #                              CHATBOT_REPEAT_PENALTY (default 1.2), so here 1.0 keeps the plain model's reply.
-    seed: int | None = None
+    seed: int | None = None      # the app passes a fresh random seed per request (CHATBOT_SEED fixes it)
+    conversation: str | None = None  # opaque cache key: one conversation of one browser session. A backend that
+    #                                  keeps prompt/KV state reuses it only for a request with the same key; None
+    #                                  (scripts, benchmarks, tests) reuses only state saved under None.
 
 
 REPEAT_LAST_N = 64  # llama-cpp-python's last_n_tokens_size: the window the repeat penalty looks at

@@ -31,7 +31,7 @@ def _smollm2_dir(out: Path) -> Path:
     from transformers import AutoTokenizer
 
     from chatbot.model_files import embedded_gguf_path
-    from training.modeling import load_gguf_model
+    from training.trainer.modeling import load_gguf_model
 
     gguf = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -46,7 +46,7 @@ def _random_dir(shape: str, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatbot.model_files import embedded_gguf_path
-    from training.shapes import shape_config
+    from training.trainer.shapes import shape_config
 
     gguf = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -89,7 +89,7 @@ def _run(cmd: list[str]) -> tuple[float, int, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama-3.2-1b"],
-                        help="smollm2 and/or a training/shapes.py shape name (random weights)")
+                        help="smollm2 and/or a training/trainer/shapes.py shape name (random weights)")
     parser.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m"])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", help="keep the checkpoints and GGUFs here (default: a temp dir)")

@@ -35,7 +35,7 @@ RESULT_PREFIX = "MERGE_RESULT "
 def tokenizer_for_bench():
     from training.chat_format import prepare_tokenizer
     from training.config import ModelConfig
-    from training.modeling import load_tokenizer
+    from training.trainer.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path="embedded"))
     prepare_tokenizer(tokenizer)
@@ -49,8 +49,8 @@ def write_base_and_adapter(shape: str, base_dir: Path, adapter_dir: Path, r: int
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from training.merge import ShardWriter
-    from training.shapes import shape_config
+    from training.export.merge import ShardWriter
+    from training.trainer.shapes import shape_config
 
     tokenizer = tokenizer_for_bench()
     config = shape_config(shape, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -83,8 +83,8 @@ def write_base_and_adapter(shape: str, base_dir: Path, adapter_dir: Path, r: int
 
 def run_merge(function: str, base_dir: str, adapter_dir: str, out_dir: str) -> dict:
     """In the child: one merge, timed, with this process's peak RSS."""
-    import training.merge as merge
-    from training.peak_memory import peak_rss_bytes
+    import training.export.merge as merge
+    from training.trainer.peak_memory import peak_rss_bytes
 
     tokenizer = tokenizer_for_bench()
     started = time.perf_counter()
@@ -112,7 +112,7 @@ def child(args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="llama-3.2-1b,llama-3.2-3b", help="comma list of training/shapes.py names")
+    p.add_argument("--shapes", default="llama-3.2-1b,llama-3.2-3b", help="comma list of training/trainer/shapes.py names")
     p.add_argument("--work-dir", default=None, help="where the checkpoints go (default: a temp dir, deleted)")
     p.add_argument("--build", nargs=3, metavar=("SHAPE", "BASE", "ADAPTER"), help=argparse.SUPPRESS)
     p.add_argument("--merge", nargs=4, metavar=("FUNCTION", "BASE", "ADAPTER", "OUT"), help=argparse.SUPPRESS)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_PREFIX + json.dumps(run_merge(*args.merge)), flush=True)
         return 0
 
-    from training.shapes import SHAPES
+    from training.trainer.shapes import SHAPES
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     bad = [s for s in shapes if s not in SHAPES]

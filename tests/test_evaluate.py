@@ -1,4 +1,4 @@
-"""training/evaluate.py and its parts (training.heldout, training.judge, training.eval_report): held-out loss as
+"""training/evaluate.py and its parts (training.evaluation.heldout, training.evaluation.judge, training.evaluation.report): held-out loss as
 training masks it, the model comparison's outputs, generation metrics, the pairwise judge's bookkeeping and one-line
 errors. Tiny random-weight models only; nothing is downloaded."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from training.eval_report import append_to_model_card
+from training.evaluation.report import append_to_model_card
 from training.evaluate import distinct_n, evaluate, generation_metrics, main, quant_label
-from training.heldout import heldout_loss, load_for_loss
-from training.judge import pairwise_win_rate
+from training.evaluation.heldout import heldout_loss, load_for_loss
+from training.evaluation.judge import pairwise_win_rate
 
 TOPICS = ["apples", "rivers", "clocks", "stars", "bread", "rain", "chess", "trains"]
 

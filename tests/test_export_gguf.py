@@ -18,7 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from training.export_gguf import QUANTS, ExportError, export_gguf  # noqa: E402
+from training.export.gguf import QUANTS, ExportError, export_gguf  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Accents, emoji (incl. a ZWJ sequence), digits, code, whitespace runs, CJK and Cyrillic.
@@ -220,7 +220,7 @@ def _sentencepiece_model_dir(tmp_path: Path, keep_model_file: bool) -> Path:
     from transformers import LlamaTokenizer
     from transformers.tokenization_utils_base import generate_merges
 
-    from training.shapes import build_tiny_checkpoint
+    from training.trainer.shapes import build_tiny_checkpoint
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -268,7 +268,7 @@ def smollm2_export(smollm2_gguf, smollm2_tokenizer_dir, tmp_path_factory):
     """SmolLM2-135M-Instruct dequantised into transformers, saved as a merged dir, re-exported at f16."""
     from transformers import AutoTokenizer
 
-    from training.modeling import load_gguf_model
+    from training.trainer.modeling import load_gguf_model
 
     root = tmp_path_factory.mktemp("smollm2")
     # The same plain fp32 rebuild the CPU recipe trains on (a GGUF-loaded model refuses save_pretrained).

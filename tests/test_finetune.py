@@ -235,7 +235,7 @@ def test_torchrun_two_processes_train_as_one_ddp_run(tmp_path, tiny_model_dir):
 
 
 def test_model_card_and_upload_plan(tmp_path, monkeypatch):
-    from training import hub
+    from training.export import hub
 
     out = tmp_path / "run"
     for rel in ("merged/config.json", "merged/model.safetensors", "merged/tokenizer.json", "adapter/adapter_config.json",
@@ -303,7 +303,7 @@ def test_base_without_template_gets_recipe_chatml_with_trained_new_tokens(tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     from training.finetune import run
-    from training.shapes import build_random_model
+    from training.trainer.shapes import build_random_model
 
     words = ["<unk>", "</s>", "tell", "me", "about", "are", "nice", "number", ".", "(", ")", "#"] + \
         [t for t in TOPICS] + [str(i) for i in range(10)]

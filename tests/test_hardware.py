@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.hardware import Device, PlanError, Request, decide
+from training.trainer.hardware import Device, PlanError, Request, decide
 
 ALL = frozenset({"bitsandbytes", "flash_attn", "liger_kernel"})
 BNB = frozenset({"bitsandbytes"})
@@ -153,7 +153,7 @@ def test_default_attention_is_named_once_the_model_is_loaded():
 
 
 def test_probe_describes_this_machine():
-    from training.hardware import probe
+    from training.trainer.hardware import probe
 
     device = probe()
     assert device.cuda == __import__("torch").cuda.is_available()
@@ -171,7 +171,7 @@ def test_a_t4_plan_reaches_the_trainer_and_the_model(tmp_path, tiny_qwen2_dir):
 
     from training.config import LoraSection, ModelConfig, TrainConfig
     from training.finetune import training_arguments
-    from training.modeling import load_model_for_training
+    from training.trainer.modeling import load_model_for_training
 
     t4 = _with(DEVICES["T4"], BNB)
     cfg = TrainConfig()

@@ -214,7 +214,7 @@ def test_mismatched_checkpoint_is_one_line_exit_2_and_nothing_written(recipe, tm
 
 
 def test_resume_point_local_hub_or_fresh(tmp_path, monkeypatch, tiny_llama_dir):
-    from training.resume import find_resume_point
+    from training.trainer.resume import find_resume_point
 
     hub = StandinHub(tmp_path / "hub").install(monkeypatch.setattr)
     lines: list[str] = []
@@ -258,7 +258,7 @@ def _save(pusher, out: Path, step: int, files=("adapter_model.safetensors", "opt
 
 
 def test_checkpoint_pushes_run_in_the_background_from_finished_folders(tmp_path, monkeypatch):
-    from training.hub import CheckpointPusher
+    from training.export.hub import CheckpointPusher
 
     hub = StandinHub(tmp_path / "hub", commit_seconds=0.5).install(monkeypatch.setattr)
     lines: list[str] = []
@@ -308,7 +308,7 @@ def test_checkpoint_pushes_run_in_the_background_from_finished_folders(tmp_path,
 def test_save_minutes_and_signals_set_the_trainer_controls():
     from transformers import TrainerControl
 
-    from training.preemption import SaveOnPreemption
+    from training.trainer.preemption import SaveOnPreemption
 
     now = [0.0]
     guard = SaveOnPreemption(save_minutes=2, log=lambda _: None, clock=lambda: now[0])

@@ -1,4 +1,4 @@
-"""training/merge.py: the streamed merge writes exactly the weights peft's merge_and_unload gives, on a tiny Llama
+"""training/export/merge.py: the streamed merge writes exactly the weights peft's merge_and_unload gives, on a tiny Llama
 whose tokenizer gained a token (LoRA on every linear layer + trained token rows), and loads like any checkpoint."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from training.merge import merge_adapter, read_adapter
+from training.export.merge import merge_adapter, read_adapter
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_merged_dir_loads_and_computes_the_merged_model(tmp_path, tiny_llama_dir
 
 
 def test_small_shards_and_unsupported_adapters(tmp_path, tiny_llama_dir, trained_adapter, monkeypatch):
-    import training.merge as merge
+    import training.export.merge as merge
 
     tokenizer, adapter_dir, expected, _ = trained_adapter
     monkeypatch.setattr(merge, "MAX_SHARD_BYTES", 200_000)  # many shards + an index, as a 3B model gets

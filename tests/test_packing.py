@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from training.packing import make_packing_collator, pack_rows, unpack_features
+from training.trainer.packing import make_packing_collator, pack_rows, unpack_features
 
 VOCAB = 256
 
@@ -24,7 +24,7 @@ def rows():
 
 
 def _model(attn: str):
-    from training.shapes import build_random_model
+    from training.trainer.shapes import build_random_model
 
     m = build_random_model("tiny-llama", seed=1, vocab_size=VOCAB)
     m.set_attn_implementation(attn)

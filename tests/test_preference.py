@@ -125,8 +125,8 @@ def test_the_shipped_feedback_sample_is_reproducible_and_feeds_the_kto_recipe(tm
 # ---------------------------------------------------------------- preference rate
 
 def test_preference_rate_scores_replies_on_the_training_mask(tiny_llama_dir, tmp_path):
-    from training.heldout import heldout_loss, load_for_loss
-    from training.preference_rate import preference_rate
+    from training.evaluation.heldout import heldout_loss, load_for_loss
+    from training.evaluation.preference_rate import preference_rate
 
     model, tok = load_for_loss(tiny_llama_dir)
     prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
@@ -219,9 +219,9 @@ def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, rec
     import llama_cpp
 
     from training.data.preference import prepare_preference_data as prepare
-    from training.heldout import load_for_loss
+    from training.evaluation.heldout import load_for_loss
     from training.finetune import run
-    from training.preference_rate import preference_rate
+    from training.evaluation.preference_rate import preference_rate
 
     cfg = preference_cfg(records_dir, tiny_model_dir, tmp_path / objective, objective)
     summary = run(cfg)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from training.hardware import Device, Request, decide
-from training.progress import RunForecast, duration, plan_lines
+from training.trainer.hardware import Device, Request, decide
+from training.trainer.progress import RunForecast, duration, plan_lines
 
 
 class FakeClock:

@@ -173,8 +173,8 @@ def _tiny_qlora(base: Path, tokenizer_dir: Path, differentiable: bool = True):
     from transformers import AutoTokenizer
 
     from training.config import LoraSection, ModelConfig
-    from training.hardware import Device, Request, decide
-    from training.modeling import load_model_for_training
+    from training.trainer.hardware import Device, Request, decide
+    from training.trainer.modeling import load_model_for_training
 
     plan = decide(Device(packages=frozenset({"bitsandbytes"})), Request(mode="qlora"))
     torch.manual_seed(0)

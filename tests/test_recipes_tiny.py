@@ -78,7 +78,7 @@ def test_recipe_runs_on_its_architecture_and_serves_with_the_training_prompt(rec
     from chatbot.settings import load_settings
     from training.chat_format import encode_conversation
     from training.finetune import run
-    from training.shapes import build_tiny_checkpoint
+    from training.trainer.shapes import build_tiny_checkpoint
 
     shape, write_data, exports_gguf = RECIPES[recipe]
     rng = random.Random(0)

@@ -62,9 +62,9 @@ def test_missing_data_file_from_the_command_line(tmp_path, tiny_llama_dir):
 
 
 def test_qlora_without_bitsandbytes(tmp_path, tiny_llama_dir, capsys, monkeypatch):
-    import training.hardware
+    import training.trainer.hardware
 
-    monkeypatch.setattr(training.hardware, "installed_packages", lambda: frozenset())  # as if not installed
+    monkeypatch.setattr(training.trainer.hardware, "installed_packages", lambda: frozenset())  # as if not installed
     line = _one_line_exit_2(capsys, ["--config", str(_recipe(tmp_path, tiny_llama_dir)), "--model.mode", "qlora"])
     assert "model.mode=qlora needs bitsandbytes: pip install bitsandbytes==0.50.2" in line
 

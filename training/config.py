@@ -21,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.data import DataConfig, SourceConfig
-from training.hardware import MODES, PRECISIONS
+from training.trainer.hardware import MODES, PRECISIONS
 
 
 @dataclass

@@ -4,8 +4,8 @@
         --data training/configs/smollm2-135m-cpu.yaml --out runs/eval
 
 Per model (NAME=SPEC: `embedded`, a finetune.py run dir, an HF dir or Hub id, or a .gguf): held-out loss
-(training.heldout), answers to a prompt set with stop rate and repetition, and serving cost through the Space's own
-backends (training.serving_cost). Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png, OUT/heldout.jsonl.
+(training.evaluation.heldout), answers to a prompt set with stop rate and repetition, and serving cost through the Space's own
+backends (training.evaluation.serving_cost). Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png, OUT/heldout.jsonl.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.data import DataError
-from training.eval_report import append_to_model_card, plot_quality_vs_speed, results_markdown
-from training.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
-from training.judge import make_judge, pairwise_win_rate
+from training.evaluation.report import append_to_model_card, plot_quality_vs_speed, results_markdown
+from training.evaluation.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
+from training.evaluation.judge import make_judge, pairwise_win_rate
 from training.paths import REPO_ROOT
-from training.preference_rate import load_heldout_pairs, preference_rate
-from training.serving_cost import measure_serving
+from training.evaluation.preference_rate import load_heldout_pairs, preference_rate
+from training.evaluation.serving_cost import measure_serving
 
 DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
 
@@ -52,7 +52,7 @@ class ModelSpec:
 
 def quant_label(path: Path) -> str:
     """q4_k_m from model-q4_k_m.gguf or SmolLM2-135M-Instruct.Q4_1.gguf; the stem when no known name is in it."""
-    from training.export_gguf import QUANTS
+    from training.export.gguf import QUANTS
 
     stem = path.stem.lower()
     for q in sorted(set(QUANTS) | {"q4_1", "q4_0", "q8_0"}, key=len, reverse=True):
@@ -110,7 +110,7 @@ def select_quants(spec: ModelSpec, quants: Sequence[str], work_dir: Path) -> Non
     have = {quant_label(p): p for p in spec.ggufs}
     missing = [q for q in quants if q not in have]
     if missing and spec.hf and Path(spec.hf).is_dir():
-        from training.export_gguf import export_gguf
+        from training.export.gguf import export_gguf
 
         log(f"{spec.name}: exporting {', '.join(missing)} from {spec.hf}")
         for p in export_gguf(spec.hf, work_dir / f"gguf-{spec.name}", missing, progress=False):
@@ -207,7 +207,7 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
              max_new_tokens: int = 200, temperature: float = 0.2, top_p: float = 0.9, seed: int = 0,
              threads: int = 2, n_ctx: int = 2048, preference_data: str | None = None) -> dict:
     """Every model on the same held-out rows and prompts; writes results.{md,json} and quality_vs_speed.png.
-    With preference_data, also each model's preference rate on its held-out pairs (training.preference_rate)."""
+    With preference_data, also each model's preference rate on its held-out pairs (training.evaluation.preference_rate)."""
     out = Path(out)
     names = [n for n, _ in models]
     if len(set(names)) != len(names):

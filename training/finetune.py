@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 from training.chat_format import encode_conversation, prepare_tokenizer
 from training.config import TrainConfig, config_to_dict, parse_config, save_config
 from training.paths import resolve_recipe_paths
-from training.peak_memory import peak_memory_gib
+from training.trainer.peak_memory import peak_memory_gib
 from training.plotting import headless_pyplot
 
 
@@ -50,13 +50,13 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int) -> tuple[lis
 
 def make_collator(plan, tokenizer):
     """Padding collator (labels padded with -100); where the plan packs, padding-free batches where sequences
-    are concatenated and told apart by position_ids (training.packing: no attention or loss across them)."""
+    are concatenated and told apart by position_ids (training.trainer.packing: no attention or loss across them)."""
     from transformers import DataCollatorForSeq2Seq
 
-    from training.hardware import FLASH
+    from training.trainer.hardware import FLASH
 
     if plan.packing:
-        from training.packing import make_packing_collator
+        from training.trainer.packing import make_packing_collator
 
         return make_packing_collator(flash_attn_kwargs=plan.attention in FLASH)
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -75,11 +75,11 @@ def _report_to(value: str) -> list[str]:
 
 def training_arguments(cfg: TrainConfig, plan, has_eval: bool):
     """The Trainer's arguments: the recipe's train section, precision/optimizer/Liger from the hardware plan
-    (training.hardware; a mode name is decided here for this machine)."""
+    (training.trainer.hardware; a mode name is decided here for this machine)."""
     import torch
     from transformers import TrainingArguments
 
-    from training.modeling import as_plan
+    from training.trainer.modeling import as_plan
 
     t, plan = cfg.train, as_plan(plan, cfg)
     eval_every = t.eval_steps if has_eval and t.eval_steps > 0 else None
@@ -126,11 +126,11 @@ def build_trainer(cfg: TrainConfig, plan, model, tokenizer, train_rows: Sequence
     from datasets import Dataset
     from transformers import Trainer
 
-    from training.modeling import as_plan
+    from training.trainer.modeling import as_plan
 
     plan = as_plan(plan, cfg)
     if plan.packing:
-        from training.packing import pack_rows
+        from training.trainer.packing import pack_rows
 
         train_dataset = pack_rows(train_rows, cfg.train.max_length)
         log(f"packing: {len(train_rows)} examples -> {len(train_dataset)} rows of <= {cfg.train.max_length} tokens")
@@ -173,9 +173,9 @@ def export_gguf_step(cfg: TrainConfig, merged_dir: Path, out: Path) -> list[Path
     if not cfg.export.gguf:
         return []
     try:
-        from training.export_gguf import ExportError, export_gguf
+        from training.export.gguf import ExportError, export_gguf
     except ModuleNotFoundError as exc:
-        if exc.name != "training.export_gguf":
+        if exc.name != "training.export.gguf":
             raise
         log("GGUF export skipped: training/export_gguf.py is not available")
         return []
@@ -201,12 +201,12 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
 
     from training.data import DataError, prepare_data
     from training.data.preference import prepare_preference_data
-    from training.merge import merge_adapter
-    from training.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, plan_training
-    from training.preemption import SaveOnPreemption
-    from training.preference import build_preference_trainer, drop_reference_adapter
-    from training.progress import RunForecast
-    from training.resume import RunRecord, find_resume_point
+    from training.export.merge import merge_adapter
+    from training.trainer.modeling import load_model_for_training, load_tokenizer, materialize_gguf_base, plan_training
+    from training.trainer.preemption import SaveOnPreemption
+    from training.trainer.preference import build_preference_trainer, drop_reference_adapter
+    from training.trainer.progress import RunForecast
+    from training.trainer.resume import RunRecord, find_resume_point
 
     started = time.time()
     out = Path(cfg.train.output_dir)
@@ -224,7 +224,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # under DDP rank 0 writes OUT/base, the others then read it
         base = materialize_gguf_base(cfg.model, out / "base", tokenizer)
-    plan = plan_training(cfg, base, new_token_ids)  # training.hardware: weights, precision, attention, Liger, ...
+    plan = plan_training(cfg, base, new_token_ids)  # training.trainer.hardware: weights, precision, attention, Liger, ...
 
     # 2. Data: normalised messages, cleaned, mixed and split by training.data; then masked tensors.
     #    dpo/kto: prompts with rated replies (training.data.preference), tokenised by TRL's trainer itself.
@@ -254,7 +254,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     tokens = sum(len(r.get("input_ids", ())) for r in train_rows)
     callbacks = list(callbacks) + [RunForecast(plan, len(train_rows), tokens, log=log)]  # says the plan, then ETAs
     if cfg.hub.push_checkpoints and cfg.hub.push_to_hub:
-        from training.hub import CheckpointPusher
+        from training.export.hub import CheckpointPusher
 
         callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private,
                                           keep=cfg.train.save_total_limit, log=log))
@@ -317,7 +317,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "wall_time_s": round(time.time() - started, 1),
         "mode": plan.mode,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "plan": plan.to_dict(),  # training.hardware: what was chosen on this device, and why
+        "plan": plan.to_dict(),  # training.trainer.hardware: what was chosen on this device, and why
         "resumed_from": Path(resume_from).name if resume_from else None,
         "interruptions": record.interruptions,  # [{step, checkpoint, from: local | Hub repo}], oldest first
         "processes": trainer_world_size,
@@ -327,7 +327,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plot_losses(summary, out / "loss.png")
 
-    from training.hub import model_card, push_run
+    from training.export.hub import model_card, push_run
 
     (out / "README.md").write_text(model_card(cfg, summary, data_report))
     log(f"train loss {summary['final_train_loss']:.4f}  eval loss {summary['final_eval_loss']}  "

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 from training.config import ConfigError, TrainConfig, apply_overrides, load_config, save_config
 from training.data import DataError
-from training.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
+from training.evaluation.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
 from training.paths import REPO_ROOT
 from training.plotting import headless_pyplot
 
@@ -105,7 +105,7 @@ def train_point_in_subprocess(cfg: TrainConfig) -> dict:
 
 def shared_base(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     """Overrides that point every run at one HF copy of a GGUF base (converted once); {} for an HF base."""
-    from training.modeling import load_tokenizer, materialize_gguf_base, resolve_base
+    from training.trainer.modeling import load_tokenizer, materialize_gguf_base, resolve_base
 
     if not resolve_base(cfg.model)[1]:
         return {}

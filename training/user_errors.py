@@ -49,7 +49,7 @@ def explain(exc: BaseException, cfg=None) -> str | None:
     from training.chat_format import TemplateError
     from training.config import ConfigError
     from training.data import DataError
-    from training.hardware import PlanError
+    from training.trainer.hardware import PlanError
 
     chain = list(_chain(exc))
     push = cfg.hub.push_to_hub if cfg is not None else None

@@ -1,5 +1,5 @@
 """Padding-free packing for the training step (whether a device packs, and with which attention, is
-training.hardware's decision).
+training.trainer.hardware's decision).
 
 Packing = TRL's best-fit-decreasing `pack_dataset` groups tokenised conversations into rows of at most
 `max_length` tokens (it records each row's `seq_lengths`); the collator splits those rows back into

@@ -1,4 +1,4 @@
-"""Load the base model for LoRA training (QLoRA 4-bit / bf16 / fp32); training/merge.py merges the adapter.
+"""Load the base model for LoRA training (QLoRA 4-bit / bf16 / fp32); training/export/merge.py merges the adapter.
 
 A GGUF base (the Space's embedded SmolLM2, or any .gguf the user names) is dequantised by transformers and
 written once as a normal HF checkpoint (`OUT/base/`), so every later step - 4-bit loading, merging, export -
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from training.config import LoraSection, ModelConfig, TrainConfig
-from training.hardware import Device, Plan, Request, decide, probe
+from training.trainer.hardware import Device, Plan, Request, decide, probe
 
 
 def resolve_base(model: ModelConfig) -> tuple[str, str | None]:
@@ -82,7 +82,7 @@ def base_facts(base: str, trust_remote_code: bool = False) -> tuple[str | None, 
 
 def plan_training(cfg: TrainConfig, base: str | None = None, new_token_ids=(), device: Device | None = None,
                   mode: str | None = None) -> Plan:
-    """The hardware plan (training.hardware.decide) for this recipe and base on `device` (default: this machine)."""
+    """The hardware plan (training.trainer.hardware.decide) for this recipe and base on `device` (default: this machine)."""
     model_type, tied = base_facts(base, cfg.model.trust_remote_code) if base else (None, False)
     request = Request(mode=mode or cfg.model.mode, precision=cfg.model.precision,
                       attention=cfg.model.attn_implementation, packing=cfg.train.packing, liger=cfg.train.use_liger,

@@ -68,7 +68,7 @@ def _hub_newest(repo_id: str, log) -> int | None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from training.hub import hf_token, hub_checkpoint_steps
+    from training.export.hub import hf_token, hub_checkpoint_steps
 
     try:
         steps = hub_checkpoint_steps(HfApi(token=hf_token()), repo_id)
@@ -81,7 +81,7 @@ def _hub_newest(repo_id: str, log) -> int | None:
 def _download(repo_id: str, step: int, patterns: list[str]) -> Path:
     from huggingface_hub import HfApi
 
-    from training.hub import CHECKPOINT_DIR, hf_token
+    from training.export.hub import CHECKPOINT_DIR, hf_token
 
     prefix = f"{CHECKPOINT_DIR}/checkpoint-{step}/"
     snapshot = HfApi(token=hf_token()).snapshot_download(repo_id, allow_patterns=[prefix + p for p in patterns])

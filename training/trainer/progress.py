@@ -11,7 +11,7 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
-from training.hardware import Plan
+from training.trainer.hardware import Plan
 
 
 def duration(seconds: float) -> str:

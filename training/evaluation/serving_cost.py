@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from training.paths import REPO_ROOT
-from training.peak_memory import peak_rss_bytes
+from training.trainer.peak_memory import peak_rss_bytes
 
 
 def serve_and_time(job: dict) -> dict:
@@ -61,7 +61,7 @@ def measure_serving(backend: str, model: str, prompts: list[list[dict]], *, max_
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(job))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "training.serving_cost", str(job_file), str(out_file)],
+        proc = subprocess.run([sys.executable, "-m", "training.evaluation.serving_cost", str(job_file), str(out_file)],
                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out_file.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -69,5 +69,5 @@ def measure_serving(backend: str, model: str, prompts: list[list[dict]], *, max_
         return json.loads(out_file.read_text())
 
 
-if __name__ == "__main__":  # python -m training.serving_cost JOB.json RESULT.json (what measure_serving starts)
+if __name__ == "__main__":  # python -m training.evaluation.serving_cost JOB.json RESULT.json (what measure_serving starts)
     Path(sys.argv[2]).write_text(json.dumps(serve_and_time(json.loads(Path(sys.argv[1]).read_text()))))

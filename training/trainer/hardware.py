@@ -163,7 +163,7 @@ def _attention(device: Device, req: Request, precision: str) -> tuple[str, str]:
 def _packing(req: Request, attention: str) -> tuple[bool, str]:
     # transformers 5 splits packed rows by their restarting position_ids only in masking_utils' attention paths
     # (sdpa / eager / flex: a block-diagonal mask; flash: varlen), and only for a batch with no attention_mask
-    # and no cache, which is what training.packing's collator sends.
+    # and no cache, which is what training.trainer.packing's collator sends.
     if not req.packing:
         return False, "train.packing=false: padded batches"
     if req.remote_code:

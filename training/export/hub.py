@@ -133,7 +133,7 @@ def _interruptions(resumes: list[dict]) -> str:
 
 
 def _plan_words(plan: dict) -> str:
-    """summary["plan"] (training.hardware.Plan) as one table cell."""
+    """summary["plan"] (training.trainer.hardware.Plan) as one table cell."""
     return (f"{plan['device']}: {plan['mode']}, {plan['precision']}, attention {plan['attention']}, "
             f"packing {'on' if plan['packing'] else 'off'}, Liger {'on' if plan['liger'] else 'off'}, {plan['optim']}")
 

@@ -1,0 +1,3 @@
+"""Stage 4, evaluation (driven by training/evaluate.py and training/sweep.py): held-out loss on a recipe's rows
+(heldout), the preference rate on visitors' pairs (preference_rate), an optional pairwise judge (judge), what
+serving a model costs on the Space's CPU (serving_cost), and the tables, plot and model-card section (report)."""

@@ -1,6 +1,7 @@
 """What every backend provides, and the one helper they share to serialise calls into the model."""
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -45,6 +46,11 @@ class Backend(Protocol):
     def stream(self, messages: list[dict], params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
         """Reply chunk by chunk; returns between tokens once `cancel` is set or the generator is closed."""
+
+
+def fresh_seed() -> int:
+    """A random sampling seed for one request: 32-bit, as llama.cpp's are, avoiding 0xFFFFFFFF ("pick one")."""
+    return secrets.randbelow(0xFFFFFFFF)
 
 
 def cancelled(cancel: threading.Event | None) -> bool:

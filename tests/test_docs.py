@@ -82,6 +82,33 @@ def test_relative_links_resolve(path):
     assert not broken, f"{path.relative_to(ROOT)}: broken links:\n" + "\n".join(broken)
 
 
+CODE_DIRS = ("training", "chatbot", "tools", "benchmarks", "tests")
+
+
+def stale_code_names(text: str, root: Path = ROOT) -> list[str]:
+    """Repository paths (`training/export/merge.py`) and modules (`training.trainer.hardware.decide`) named in
+    the text that do not exist: code moves, and the docs must follow it."""
+    stale = []
+    dirs = "|".join(CODE_DIRS)
+    for path in set(re.findall(rf"(?<![\w./-])((?:{dirs})/[\w./-]*\w)", text)):
+        if not (root / path).exists():
+            stale.append(path)
+    for dotted in set(re.findall(rf"(?<![\w./-])((?:{dirs})(?:\.\w+)+)", text)):
+        parts = dotted.split(".")
+        if dotted.endswith((".py", ".md", ".yaml", ".jsonl")):
+            continue
+        if not any((root / Path(*parts[:n])).with_suffix(".py").is_file() or (root / Path(*parts[:n])).is_dir()
+                   for n in range(2, len(parts) + 1)):
+            stale.append(dotted)
+    return sorted(stale)
+
+
+@pytest.mark.parametrize("path", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_named_in_the_docs_exists(path):
+    stale = stale_code_names(path.read_text(encoding="utf-8"))
+    assert not stale, f"{path.relative_to(ROOT)} names files or modules that do not exist: {stale}"
+
+
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {target for _, target, _ in relative_links(README)}
     missing = [p.name for p in PAGES if p.resolve() not in linked]
@@ -110,3 +137,12 @@ def test_checker_finds_broken_links_and_anchors(tmp_path):
     assert anchors(tmp_path / "other.md") == {"other", "same", "same-1", "the-x-part"}
     assert "nope" not in anchors(tmp_path / "other.md")
     assert not (tmp_path / "missing.md").exists()
+
+
+def test_checker_finds_code_that_moved(tmp_path):
+    (tmp_path / "training" / "trainer").mkdir(parents=True)
+    (tmp_path / "training" / "trainer" / "hardware.py").write_text("")
+    (tmp_path / "training" / "data").mkdir()
+    text = ("`training/trainer/hardware.py`, `training.trainer.hardware.decide(device, request)`, "
+            "`python -m training.data`, `training/hardware.py`, `training.hardware.probe()`, RUN_DIR/training/x")
+    assert stale_code_names(text, tmp_path) == ["training.hardware.probe", "training/hardware.py"]

@@ -5,6 +5,12 @@ never by llama-cpp-python's hand-written formats, which it would otherwise pick 
 looks like ChatML. One Llama instance is not thread-safe (two threads decoding hit a GGML assert), so
 every call holds the backend's lock. With CHATBOT_CACHE_MB > 0 each conversation's state is kept after its
 reply (llama_cpp_cache.py), so a returning visitor's prompt is not processed again.
+
+State is reused only within one conversation (GenerationParams.conversation; None-keyed requests share among
+themselves): a request of another conversation starts from an empty context rather than from the tokens the
+previous visitor left there, so nobody's history speeds up, and so reveals, anyone else's. Every request samples
+with its own seed (a fresh random one when the request gives none): llama-cpp-python's load_state would otherwise
+restore the cached conversation's seed and a retry would repeat the same reply.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import contextlib
 import threading
 from typing import Iterator
 
-from chatbot.backends.base import REPEAT_LAST_N, Chunk, GenerationParams, acquire, cancelled
+from chatbot.backends.base import REPEAT_LAST_N, Chunk, GenerationParams, acquire, cancelled, fresh_seed
 from chatbot.model_files import resolve_gguf
 from chatbot.settings import ConfigError, Settings
 
@@ -77,12 +83,22 @@ class LlamaCppBackend:
         self.model_name = path.name
         self.n_ctx = self.llm.n_ctx()
         self.lock = threading.Lock()
+        self.live: str | None = None  # the conversation whose tokens are in the llama.cpp context now
         self.cache = None
         if settings.cache_mb > 0:
             from chatbot.backends.llama_cpp_cache import ConversationCache
 
             self.cache = ConversationCache(capacity_bytes=settings.cache_mb * 2**20)
             self.llm.set_cache(self.cache)
+
+    def enter(self, conversation: str | None) -> None:
+        """Make `conversation` the one whose state may be reused (called holding the lock): the context keeps another
+        conversation's tokens only as far as llama.cpp's prefix match would reuse them, so it is emptied."""
+        if conversation != self.live:
+            self.llm.reset()
+            self.live = conversation
+        if self.cache is not None:
+            self.cache.current = conversation
 
     def count_tokens(self, messages: list[dict]) -> int:
         # Exactly what create_chat_completion feeds the model: the rendered template, tokenised with specials.
@@ -97,9 +113,11 @@ class LlamaCppBackend:
             return
         chunks = None
         try:
+            self.enter(params.conversation)
             chunks = self.llm.create_chat_completion(
                 messages=messages, stream=True, max_tokens=params.max_new_tokens, temperature=params.temperature,
-                top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty, seed=params.seed)
+                top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,
+                seed=fresh_seed() if params.seed is None else params.seed)
             for chunk in chunks:
                 # Checked between tokens: a stop request returns here and frees the model for the next user.
                 if cancelled(cancel):

@@ -254,3 +254,48 @@ def test_8bit_adamw_cpu_kernels_track_torch_adamw():
     first = ((start - target) ** 2).mean().item()
     assert finals["8bit"] < 0.7 * first
     assert finals["8bit"] == pytest.approx(finals["torch"], rel=0.02)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_qlora_preference_trainer_keeps_lora_weights_in_the_plans_dtype(objective, tiny_llama_dir, tmp_path):
+    """TRL's DPO/KTO trainers cast every trainable parameter of a 4-bit model to bf16 in __init__; the plan says
+    float32 (small AdamW updates round away in bf16). Built as finetune builds it (and after a DPO step) they are
+    fp32, and the optimizer steps those fp32 weights."""
+    from transformers import AutoTokenizer
+
+    from training.finetune import training_arguments
+    from training.trainer.hardware import Device, Request, decide
+    from training.trainer.preference import build_preference_trainer
+
+    plan = decide(Device(packages=frozenset({"bitsandbytes"})), Request(mode="qlora", optim="adamw_torch"))
+    model = _tiny_qlora(tiny_llama_dir, tiny_llama_dir)
+    assert model.is_loaded_in_4bit  # what TRL checks before its cast
+    prompt = lambda i: [{"role": "user", "content": f"Tell me about {TOPICS[i % 8]}."}]  # noqa: E731
+    reply = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    if objective == "dpo":
+        rows = [{"prompt": prompt(i), "chosen": reply(f"Sure: nice {i}."), "rejected": reply("No.")} for i in range(4)]
+    else:
+        rows = [{"prompt": prompt(i), "completion": reply(f"Sure: nice {i}." if i % 2 else "No."),
+                 "label": bool(i % 2)} for i in range(4)]
+    cfg = apply_overrides(TrainConfig(), {"train.objective": objective, "train.output_dir": str(tmp_path),
+                                          "train.max_length": 64, "train.max_steps": 1,
+                                          "train.per_device_train_batch_size": 4 if objective == "kto" else 2,
+                                          "train.gradient_accumulation_steps": 1, "train.report_to": "none",
+                                          "train.optim": "adamw_torch", "train.learning_rate": 1e-4,
+                                          "train.warmup_ratio": 0.0, "train.save_steps": 100})
+    trainer = build_preference_trainer(cfg, training_arguments(cfg, plan, has_eval=False), model,
+                                       AutoTokenizer.from_pretrained(tiny_llama_dir), rows)
+    trainable = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}, \
+        sorted({(str(p.dtype), n.split(".")[-2]) for n, p in trainable.items()})
+    if objective == "kto":
+        return  # the step below runs the same Trainer loop for both
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    trainer.train()
+    after = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert after.keys() == before.keys() and {p.dtype for p in after.values()} == {torch.float32}
+    # AdamW's first step moves every LoRA A weight with a gradient by lr = 1e-4; in bf16 (8 bits of mantissa) that
+    # rounds away for any weight above ~0.03 in magnitude: most of them.
+    a = [n for n in before if "lora_A" in n]
+    moved = sum(int((before[n] != after[n]).sum()) for n in a) / sum(before[n].numel() for n in a)
+    assert moved > 0.9, moved

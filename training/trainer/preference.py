@@ -3,7 +3,9 @@
 Everything else is finetune.py's: the same model with its LoRA (4-bit / bf16 / fp32), the same tokenizer and chat
 template (TRL renders prompt and prompt + reply with `apply_chat_template` in its conversational format, so the
 prompt tokens are the ones the Space feeds the model), the same TrainingArguments (copied field by field into
-DPOConfig / KTOConfig), then the same adapter, merge, GGUF export and model card. The reference model is the base:
+DPOConfig / KTOConfig), then the same adapter, merge, GGUF export and model card. The trainable weights keep the
+dtype the plan gave them (fp32): TRL casts them to bf16 when the base is 4-bit, and `build_preference_trainer` puts
+them back. The reference model is the base:
 TRL keeps a frozen copy of the freshly initialised adapter ("ref", a no-op since LoRA's B starts at zero), which
 `drop_reference_adapter` removes before the adapter is saved.
 """
@@ -41,7 +43,8 @@ def build_preference_trainer(cfg, args, model, tokenizer, train_rows: Sequence[d
 
     objective = cfg.train.objective
     trainer_cls = DPOTrainer if objective == "dpo" else KTOTrainer
-    return trainer_cls(
+    planned = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    trainer = trainer_cls(
         model=model,
         args=trainer_config(objective, args, cfg.train.max_length, cfg.train.beta),
         train_dataset=Dataset.from_list(list(train_rows)),
@@ -49,6 +52,24 @@ def build_preference_trainer(cfg, args, model, tokenizer, train_rows: Sequence[d
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
+    restore_dtypes(trainer.model, planned)
+    return trainer
+
+
+def restore_dtypes(model, dtypes: dict) -> int:
+    """Parameters named in `dtypes` back in the dtype recorded there; returns how many were changed.
+
+    TRL 1.16's DPOTrainer / KTOTrainer cast every trainable parameter of a 4-bit model to bf16 in __init__ (the
+    QLoRA paper's recipe), after modeling.upcast_trainable made them fp32 for the plan: bf16 rounds away AdamW
+    updates smaller than ~1/256 of a weight, and on fp16 GPUs it would be bf16 under fp16 autocast. The optimizer
+    is created later, in train(), so it steps the restored fp32 weights."""
+    n = 0
+    for name, param in model.named_parameters():
+        dtype = dtypes.get(name)
+        if dtype is not None and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n
 
 
 def drop_reference_adapter(model) -> None:

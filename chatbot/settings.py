@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, TypeVar
 
 BACKEND_NAMES = ("llama_cpp", "transformers", "mock", "openai")
+DEVICE_NAMES = ("auto", "cpu", "cuda")  # CHATBOT_DEVICE (transformers only; chatbot/device.py)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:8080/v1"  # llama.cpp's llama-server default
@@ -39,6 +40,7 @@ class Settings:
     model: str | None = None             # Hub repo id or local path; None = the backend's default
     gguf_file: str | None = None         # llama_cpp: file name or glob inside CHATBOT_MODEL
     adapter: str | None = None           # transformers: PEFT adapter repo id or path
+    device: str = "auto"                 # transformers: auto | cpu | cuda (chatbot/device.py decides)
     revision: str | None = None          # Hub revision (branch, tag or commit) of model and adapter
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_new_tokens: int = 512
@@ -145,6 +147,13 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         raise _bad("CHATBOT_ADAPTER", adapter, "a PEFT adapter only with CHATBOT_BACKEND=transformers "
                    "(for llama_cpp merge it and export a GGUF)")
 
+    device = (_get(env, "CHATBOT_DEVICE") or "auto").lower()
+    if device not in DEVICE_NAMES:
+        raise _bad("CHATBOT_DEVICE", env["CHATBOT_DEVICE"], ", ".join(DEVICE_NAMES))
+    if device == "cuda" and backend != "transformers":
+        raise _bad("CHATBOT_DEVICE", env["CHATBOT_DEVICE"], "auto or cpu with CHATBOT_BACKEND=" + backend
+                   + " (only the transformers backend runs on a GPU)")
+
     base_url = _get(env, "CHATBOT_OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL
     if not base_url.startswith(("http://", "https://")):
         raise _bad("CHATBOT_OPENAI_BASE_URL", base_url, "an http:// or https:// URL, e.g. " + DEFAULT_OPENAI_BASE_URL)
@@ -160,6 +169,7 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         model=model,
         gguf_file=gguf_file,
         adapter=adapter,
+        device=device,
         revision=_get(env, "CHATBOT_REVISION"),
         # Not stripped of inner whitespace, but an explicitly empty value means "no system prompt".
         system_prompt=env.get("CHATBOT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT).strip(),

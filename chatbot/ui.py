@@ -6,6 +6,7 @@ never waits for the UI and updates go out at most every STREAM_INTERVAL seconds.
 """
 from __future__ import annotations
 
+import contextvars
 import queue
 import sys
 import threading
@@ -66,7 +67,10 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
 
     clock = ReplyClock()
     text, finish = "", None
-    producer = threading.Thread(target=produce, name="backend-stream", daemon=True)
+    # In a copy of the caller's context: on ZeroGPU, spaces.GPU reads the visitor's request (whose quota pays for
+    # the GPU) from Gradio's context variables, which a plain thread would not see.
+    producer = threading.Thread(target=contextvars.copy_context().run, args=(produce,), name="backend-stream",
+                                daemon=True)
     producer.start()
     try:
         done, next_update = False, clock.start

@@ -2,10 +2,13 @@
 
 settings → backend (the model loads once, before the first request) → Gradio app → launch.
 A configuration the user must fix prints one line to stderr and exits 2, without a traceback.
+SIGTERM (what a Space restart sends) and SIGINT close the server, then push pending feedback records (at most
+feedback.EXIT_PUSH_SECONDS) before the process exits.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from chatbot.settings import ConfigError, load_settings
@@ -30,16 +33,30 @@ def main() -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    from chatbot import feedback
     from chatbot.ui import build_app
 
     print(f"Serving {backend.model_name} with {backend.name} (context {backend.n_ctx}, "
           f"{settings.threads} threads) on http://{host}:{port}", file=sys.stderr)
     try:
-        demo = build_app(settings, backend)
+        log = feedback.open_log(settings)
+        demo = build_app(settings, backend, log)
     except ConfigError as exc:  # e.g. a CHATBOT_FEEDBACK_DATASET the token cannot create or write
         print(str(exc), file=sys.stderr)
         return 2
-    demo.queue(max_size=64).launch(server_name=host, server_port=port)
+    # SIGTERM as SIGINT: Gradio's launch() returns on KeyboardInterrupt after closing the server (the default
+    # SIGTERM would end the process at once, skipping the push below).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        demo.launch(server_name=host, server_port=port)
+    finally:
+        if log is not None:
+            pushed = log.close()
+            print(f"Feedback records are in {log.folder}" + (f", pushed to {log.dataset}" if log.dataset and pushed
+                                                              else ""), file=sys.stderr)
+            if not pushed:  # the push still running would hold the exit; the records stay in the folder
+                sys.stderr.flush()
+                os._exit(0)
     return 0
 
 

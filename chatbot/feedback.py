@@ -2,44 +2,59 @@
 
 CHATBOT_FEEDBACK_DIR=DIR appends one JSON line per signal to DIR/feedback-<random>.jsonl (one file per process, so
 several workers never write the same file); CHATBOT_FEEDBACK_DATASET=owner/name also pushes that folder to a private
-Hub dataset repo every few minutes with huggingface_hub's CommitScheduler. Signals:
+Hub dataset repo every few minutes with huggingface_hub's CommitScheduler, and once more when the app is stopped
+(SIGTERM/SIGINT, waiting at most EXIT_PUSH_SECONDS). Signals:
 
     up / down   the visitor's thumbs on a reply (a later click replaces it; un-clicking records rating null)
     retried     a reply the visitor regenerated (discarded)
     kept        the reply the visitor went on with after regenerating that turn
 
-A record is what training needs and nothing more: the conversation up to the rated reply (system prompt included,
-openai messages format), the reply, the rating, the model served and the sampling settings on the page when it was
-rated, a UTC timestamp and a random conversation id. No IP, headers, cookies or session ids.
-training/data/preference.py reads these files directly (thumbs -> KTO labels, retried + kept -> DPO pairs).
+Every event can be sent by anyone over HTTP, so a record is written only for a reply this server streamed in that
+browser session (served_replies.py keeps a digest of each, bounded); anything else is refused, counted and never
+written. The record carries the system prompt and sampling settings (seed included) the reply was generated with,
+and the conversation as the model saw it. Limits: MAX_RECORD_BYTES a record, MAX_SESSION_BYTES a session, and
+CHATBOT_FEEDBACK_MAX_MB for the folder's records in all; past it recording stops (one log line, and the page says
+so) and nothing already saved is touched.
+
+A record is what training needs and nothing more: the conversation up to the rated reply, the reply, the rating,
+the model served, the sampling settings, a UTC timestamp and a random conversation id. No IP, headers, cookies or
+session ids. training/data/preference.py reads these files directly (thumbs -> KTO labels, retried + kept -> DPO
+pairs).
 """
 
 import json
-import re
+import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from chatbot.backends.base import GenerationParams
 from chatbot.history import NOTICE, content_text, normalise
+from chatbot.served_replies import (IDLE_SECONDS, MAX_BYTES, MAX_REPLIES_PER_SESSION, MAX_SESSIONS, Served,
+                                    SessionLedger, digest)
+from chatbot.session_store import SessionStore
 from chatbot.settings import ConfigError, Settings
 
 RATINGS = ("up", "down", "retried", "kept", None)
-PUSH_EVERY_MINUTES = 5    # CommitScheduler's default: a Space restart loses at most this much on the Hub side
-MAX_SESSIONS = 10_000     # conversation ids kept in memory; the oldest sessions are forgotten first
+PUSH_EVERY_MINUTES = 5      # CommitScheduler's default; a stop (SIGTERM/SIGINT) pushes at once
+EXIT_PUSH_SECONDS = 20      # the longest a stopping app waits for that last push
+MAX_RECORD_BYTES = 256 * 2**10  # one record; with the default input limits a record is at most ~60,000 characters
+MAX_SESSION_BYTES = 8 * 2**20   # all records of one browser session
 
 
 class FeedbackLog:
     """Thread-safe JSONL writer: one line per record, written and flushed under one lock (the scheduler's, when
-    pushing, so a commit never uploads half a line)."""
+    pushing, so a commit never uploads half a line). `total` counts the bytes of the folder's *.jsonl files (those
+    there at start, and every line written since)."""
 
     def __init__(self, folder: str | Path, dataset: str | None = None, *, token: str | None = None,
                  hf_api: Any = None, every: float = PUSH_EVERY_MINUTES):
         self.folder = Path(folder).expanduser().resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / f"feedback-{uuid.uuid4().hex[:12]}.jsonl"
+        self.total = sum(f.stat().st_size for f in self.folder.glob("*.jsonl") if f.is_file())
         self.dataset = dataset
         self.scheduler = None
         if dataset:
@@ -50,15 +65,39 @@ class FeedbackLog:
                                              hf_api=hf_api, allow_patterns=["*.jsonl"])
         self.lock = self.scheduler.lock if self.scheduler else threading.Lock()
 
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self.lock, self.path.open("a", encoding="utf-8") as f:
+    @staticmethod
+    def encode(record: dict) -> bytes:
+        """One JSON line; strict JSON (a NaN or infinity is an error, never a bare NaN in the file)."""
+        return (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8", "surrogatepass")
+
+    def append(self, line: bytes) -> None:
+        with self.lock, self.path.open("ab") as f:
             f.write(line)
             f.flush()
+            self.total += len(line)
+
+    def write(self, record: dict) -> None:
+        self.append(self.encode(record))
 
     def push_now(self):
         """Commit what is there now (tests, shutdown); None when not pushing."""
         return self.scheduler.trigger().result() if self.scheduler else None
+
+    def close(self, timeout: float = EXIT_PUSH_SECONDS) -> bool:
+        """Push what is pending, waiting at most `timeout` seconds, and stop the scheduler (so its exit hook does
+        not push again, unbounded). True when everything was pushed, or there is nothing to push to."""
+        if self.scheduler is None:
+            return True
+        future = self.scheduler.trigger()
+        try:
+            future.result(timeout=timeout)
+            return True
+        except Exception as exc:  # a timeout, no connection, a refused token: say so in the log, then exit anyway
+            print(f"feedback: the last push to {self.dataset} did not finish ({type(exc).__name__}); records written "
+                  f"since the previous push are still in {self.folder}", file=sys.stderr)
+            return False
+        finally:
+            self.scheduler.stop()
 
 
 def where(settings: Settings) -> str:
@@ -83,16 +122,19 @@ def model_info(settings: Settings, backend) -> dict:
             "adapter": settings.adapter, "revision": settings.revision}
 
 
-def prompt_and_reply(history: list, index: int, system_prompt: str | None) -> tuple[list[dict], str] | None:
-    """(conversation before message `index`, with the system prompt, in openai format; the reply at `index`, with
-    any assistant messages right after it in the same bubble). None for an app notice or an empty reply."""
-    items = list(history or [])
+def role_of(item: Any) -> Any:
+    return item.get("role") if isinstance(item, dict) else getattr(item, "role", None)
+
+
+def prompt_and_reply(history: list, index: int) -> tuple[list[dict], str] | None:
+    """(conversation before message `index`, normalised; the reply at `index`, with any assistant messages right
+    after it in the same bubble). None for an app notice, an empty reply or an index that is not a reply."""
+    items = list(history or []) if isinstance(history, list) else []
     if not 0 <= index < len(items):
         return None
     reply_parts = []
     for item in items[index:]:
-        role = item.get("role") if isinstance(item, dict) else getattr(item, "role", None)
-        if role != "assistant":
+        if role_of(item) != "assistant":
             break
         reply_parts.append(content_text(item.get("content") if isinstance(item, dict) else item.content))
     reply = "\n".join(p for p in reply_parts if p)
@@ -101,80 +143,135 @@ def prompt_and_reply(history: list, index: int, system_prompt: str | None) -> tu
     messages = normalise(items[:index])
     if not messages or messages[-1]["role"] != "user":
         return None
-    system = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
-    return system + messages, reply
+    return messages, reply
+
+
+def event_index(value: Any) -> int | None:
+    """LikeData/RetryData.index as an int (Gradio sends [row, column] for likes), None when it is not one."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class FeedbackCollector:
-    """The event handlers attached to the chat. Per browser session it keeps only a random conversation id and the
-    turns regenerated and not yet followed up, in memory; nothing about the visitor is written."""
+    """The event handlers attached to the chat, and `served`, which the chat calls after every reply it streams.
+
+    Per browser session it keeps a SessionLedger (served_replies.py) in a bounded SessionStore; nothing about the
+    visitor is written. Each handler returns a line for the page, or None when there is nothing to say."""
 
     def __init__(self, log: FeedbackLog, settings: Settings, backend):
         self.log, self.settings, self.model = log, settings, model_info(settings, backend)
+        self.max_total = settings.feedback_max_mb * 2**20
         self.lock = threading.Lock()
-        self.sessions: OrderedDict[str, dict] = OrderedDict()
+        self.sessions: SessionStore[SessionLedger] = SessionStore(
+            SessionLedger, max_sessions=MAX_SESSIONS, max_bytes=MAX_BYTES, idle_seconds=IDLE_SECONDS)
+        self.refused = 0      # events naming a reply this server did not stream in that session
+        self.stopped = False  # CHATBOT_FEEDBACK_MAX_MB reached
 
-    def _session(self, key: str | None) -> dict:
+    # Called by the chat (ui.make_respond) with every reply it streamed.
+
+    def served(self, session: str, conversation: list[dict], reply: str, system_prompt: str,
+               params: GenerationParams, dropped: int) -> None:
+        if not reply.strip() or reply.startswith(NOTICE):
+            return
+        served = Served(system_prompt=system_prompt, params=params, dropped=dropped, prompt=digest(conversation))
         with self.lock:
-            state = self.sessions.pop(key or "", None) or {"conversation_id": uuid.uuid4().hex, "retried": set()}
-            self.sessions[key or ""] = state
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
-            return state
+            ledger = self.sessions.use(session)
+            self.sessions.charge(session, ledger.add(digest(conversation, reply), served))
 
-    def record(self, state: dict, messages: list[dict], reply: str, rating: str | None, sampling: dict) -> dict:
+    # Checks and writing.
+
+    def status(self) -> str | None:
+        """The line the page shows once recording has stopped."""
+        if not self.stopped:
+            return None
+        return (f"{NOTICE}Ratings are no longer recorded: this server's feedback records reached "
+                f"CHATBOT_FEEDBACK_MAX_MB={self.settings.feedback_max_mb}.")
+
+    def vouch(self, ledger: SessionLedger, history: list, index: int | None) -> tuple[list[dict], str, Served] | None:
+        """(conversation, reply, how it was served) when the reply at `index` is one this session was streamed."""
+        found = None if index is None else prompt_and_reply(history, index)
+        if found is None:
+            return None
+        served = ledger.served.get(digest(*found))
+        return None if served is None else (*found, served)
+
+    def refuse(self) -> str:
+        self.refused += 1
+        if self.refused in (1, 10) or self.refused % 100 == 0:
+            print(f"feedback: {self.refused} events refused so far (a reply this server did not stream in that "
+                  "session, or one it no longer remembers); nothing was written for them", file=sys.stderr)
+        return (f"{NOTICE}That rating was not saved: this server does not know that reply (it remembers the last "
+                f"{MAX_REPLIES_PER_SESSION} replies of a session for an hour).")
+
+    def record(self, ledger: SessionLedger, found: tuple[list[dict], str, Served], rating: str | None) -> str | None:
+        """Write one record within the limits; the page's line when it was not written."""
         assert rating in RATINGS
-        record = {"conversation_id": state["conversation_id"],
-                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "messages": messages, "reply": reply, "rating": rating,
-                  "model": self.model, "sampling": sampling}
-        self.log.write(record)
-        return record
+        conversation, reply, served = found
+        system = [{"role": "system", "content": served.system_prompt}] if served.system_prompt.strip() else []
+        line = self.log.encode({"conversation_id": ledger.conversation_id,
+                                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "messages": system + conversation[served.dropped:], "reply": reply, "rating": rating,
+                                "model": self.model, "sampling": served.sampling()})
+        if self.stopped:
+            return self.status()
+        if len(line) > MAX_RECORD_BYTES:
+            return f"{NOTICE}That rating was not saved: its record would be {len(line) // 1024} KiB, over the " \
+                   f"{MAX_RECORD_BYTES // 1024} KiB a record may take."
+        if ledger.written + len(line) > MAX_SESSION_BYTES:
+            return f"{NOTICE}Ratings from this page are no longer saved: it reached the " \
+                   f"{MAX_SESSION_BYTES // 2**20} MiB a session may record."
+        if self.log.total + len(line) > self.max_total:
+            self.stopped = True
+            print(f"feedback: recording stopped: the records in {self.log.folder} reached "
+                  f"CHATBOT_FEEDBACK_MAX_MB={self.settings.feedback_max_mb}; everything saved so far is kept",
+                  file=sys.stderr)
+            return self.status()
+        self.log.append(line)
+        ledger.written += len(line)
+        return None
 
-    def sampling(self, values: dict) -> dict:
-        """The page's generation settings (every Settings input but the system prompt) and the server's seed."""
-        return {**{k: v for k, v in values.items() if k != "system_prompt"}, "seed": self.settings.seed}
+    # Event handlers: `history` is the chat as the page (or any caller) sends it, `session` its session hash.
 
-    # Event handlers. `values`: the chat's Settings inputs by name (system_prompt, temperature, top_p, ...).
+    def on_like(self, session: str | None, history: list, index: Any, liked: Any) -> str | None:
+        with self.lock:
+            ledger = self.sessions.use(session or "")
+            found = self.vouch(ledger, history, event_index(index))
+            if found is None:
+                return self.refuse()
+            rating = "up" if liked is True else "down" if liked is False else None
+            return self.record(ledger, found, rating)
 
-    def on_like(self, history, values: dict, data, request) -> None:
-        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-        found = prompt_and_reply(history, int(index), values.get("system_prompt"))
-        if found is None:
-            return
-        rating = "up" if data.liked is True else "down" if data.liked is False else None
-        self.record(self._session(request.session_hash), *found, rating, self.sampling(values))
+    def on_retry(self, session: str | None, history: list, index: Any) -> str | None:
+        # index is the last user message; the replies after it are the ones thrown away.
+        with self.lock:
+            ledger = self.sessions.use(session or "")
+            user = event_index(index)
+            found = None if user is None else self.vouch(ledger, history, user + 1)
+            if found is None:
+                return self.refuse()
+            ledger.mark_retried(found[2].prompt)
+            return self.record(ledger, found, "retried")
 
-    def on_retry(self, history, values: dict, data, request) -> None:
-        # data.index is the last user message; the replies after it are the ones thrown away.
-        found = prompt_and_reply(history, int(data.index) + 1, values.get("system_prompt"))
-        if found is None:
-            return
-        state = self._session(request.session_hash)
-        self.record(state, *found, "retried", self.sampling(values))
-        state["retried"].add(json.dumps(found[0], sort_keys=True))
-
-    def on_submit(self, history, values: dict, request) -> None:
+    def on_submit(self, session: str | None, history: list) -> str | None:
         """A new message: the reply the visitor went on with is 'kept' when that turn had been regenerated."""
-        state = self._session(request.session_hash)
-        if not state["retried"] or not history:
-            return
-        last_user = max((i for i, m in enumerate(history)
-                         if (m.get("role") if isinstance(m, dict) else getattr(m, "role", None)) == "user"),
-                        default=None)
-        found = None if last_user is None else prompt_and_reply(history, last_user + 1, values.get("system_prompt"))
-        if found is not None and json.dumps(found[0], sort_keys=True) in state["retried"]:
-            state["retried"].discard(json.dumps(found[0], sort_keys=True))
-            self.record(state, *found, "kept", self.sampling(values))
+        with self.lock:
+            ledger = self.sessions.use(session or "")
+            if not ledger.retried or not isinstance(history, list) or not history:
+                return None
+            last_user = max((i for i, m in enumerate(history) if role_of(m) == "user"), default=None)
+            found = None if last_user is None else self.vouch(ledger, history, last_user + 1)
+            if found is None or found[2].prompt not in ledger.retried:
+                return None  # an ordinary next message: nothing to record
+            del ledger.retried[found[2].prompt]
+            return self.record(ledger, found, "kept")
 
-    def on_clear(self, request) -> None:
-        with self.lock:  # a cleared chat is a new conversation
-            self.sessions.pop(request.session_hash or "", None)
-
-
-def input_name(component) -> str:
-    """'Max new tokens' -> 'max_new_tokens': the key a Settings input's value is recorded under."""
-    return re.sub(r"\W+", "_", str(getattr(component, "label", "") or "").lower()).strip("_")
+    def on_clear(self, session: str | None) -> None:
+        """A cleared chat (or "New chat") is a new conversation; the replies served stay rateable."""
+        with self.lock:
+            ledger = self.sessions.use(session or "")
+            ledger.conversation_id = uuid.uuid4().hex
+            ledger.retried.clear()
 
 
 def open_log(settings: Settings, hf_api: Any = None) -> FeedbackLog | None:
@@ -196,39 +293,38 @@ def open_log(settings: Settings, hf_api: Any = None) -> FeedbackLog | None:
                           "accepted: a dataset repo id you can write to, with a write token in HF_TOKEN") from None
 
 
-def attach(chat, settings: Settings, backend, log: FeedbackLog | None = None) -> FeedbackCollector | None:
-    """Thumbs, retry and follow-up listeners on a gr.ChatInterface (inside its gr.Blocks); None when feedback is off.
-    Its additional inputs (the Settings panel) are recorded by label; the one labelled "System prompt" goes into
-    the messages."""
+def attach(demo, chat, collector: FeedbackCollector) -> None:
+    """Thumbs, retry and follow-up listeners on a gr.ChatInterface (inside its gr.Blocks `demo`), and a status line
+    under the chat that says when a rating was not saved or recording has stopped."""
     import gradio as gr
 
-    log = log or open_log(settings)
-    if log is None:
-        return None
-    collector = FeedbackCollector(log, settings, backend)
-    names = [input_name(c) for c in chat.additional_inputs]  # system_prompt, temperature, top_p, ...
-    inputs = [chat.chatbot, *chat.additional_inputs]
+    status = gr.Markdown("", elem_id="feedback-status")
 
-    # Gradio passes event data and the request to positional parameters annotated with their types; they come
-    # first so that the chat's Settings inputs, however many, follow as *values.
-    def on_like(data: gr.LikeData, request: gr.Request, history, *values):
-        collector.on_like(history, dict(zip(names, values)), data, request)
+    def show(line: str | None):
+        return gr.skip() if line is None else line
 
-    def on_retry(data: gr.RetryData, request: gr.Request, history, *values):
-        collector.on_retry(history, dict(zip(names, values)), data, request)
+    # Gradio passes event data and the request to parameters annotated with their types.
+    def on_like(data: gr.LikeData, request: gr.Request, history):
+        return show(collector.on_like(request.session_hash, history, data.index, data.liked))
 
-    def on_submit(request: gr.Request, history, *values):
-        collector.on_submit(history, dict(zip(names, values)), request)
+    def on_retry(data: gr.RetryData, request: gr.Request, history):
+        return show(collector.on_retry(request.session_hash, history, data.index))
+
+    def on_submit(request: gr.Request, history):
+        return show(collector.on_submit(request.session_hash, history))
 
     def on_clear(request: gr.Request):
-        collector.on_clear(request)
+        collector.on_clear(request.session_hash)
+
+    def on_load():
+        return show(collector.status())
 
     common = dict(queue=False, api_visibility="undocumented", show_progress="hidden")
-    chat.chatbot.like(on_like, inputs, None, **common)
-    chat.chatbot.retry(on_retry, inputs, None, **common)
-    chat.textbox.submit(on_submit, inputs, None, **common)
+    chat.chatbot.like(on_like, [chat.chatbot], status, **common)
+    chat.chatbot.retry(on_retry, [chat.chatbot], status, **common)
+    chat.textbox.submit(on_submit, [chat.chatbot], status, **common)
     chat.chatbot.clear(on_clear, None, None, **common)
     for start in (getattr(chat, "new_chat_button", None), getattr(chat, "chat_history_dataset", None)):
         if start is not None:  # save_history: "New chat" or a saved chat opened is another conversation
             start.click(on_clear, None, None, **common)
-    return collector
+    demo.load(on_load, None, status, **common)

@@ -53,6 +53,9 @@ class Settings:
     n_ctx: int = 4096                    # 0 = the model's full trained length
     threads: int = 1                     # load_settings: CPU_CORES, else half the logical CPUs
     max_input_chars: int = 8000
+    max_system_chars: int = 8000         # the system prompt a visitor may send; longer is refused before the model
+    max_history_chars: int = 32000       # the conversation sent with a message; older turns beyond it are left out
+    #                                      before any tokenising (the 4096-token context holds ~16,000 characters)
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openai_api_key: str = field(default="sk-no-key-required", repr=False)
     mock_delay: float = 0.05
@@ -61,6 +64,7 @@ class Settings:
     cache_mb: int = 1024                 # llama_cpp: RAM for per-conversation prompt caches; 0 = off
     feedback_dir: str | None = None      # visitor ratings -> DIR/*.jsonl (chatbot.feedback); None = off
     feedback_dataset: str | None = None  # also push feedback_dir to this private Hub dataset
+    feedback_max_mb: int = 200           # recording stops once this process's records reach it (nothing is lost)
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -126,10 +130,13 @@ def _feedback(env: Mapping[str, str]) -> dict:
             raise _bad("CHATBOT_FEEDBACK_DATASET", dataset, "a Hub dataset repo id owner/name")
         if (env.get("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on"):
             raise _bad("CHATBOT_FEEDBACK_DATASET", dataset, "unset while HF_HUB_OFFLINE=1 (pushing needs the Hub)")
-        folder = folder or os.path.join(tempfile.gettempdir(), "chatbot-feedback")
+        # One folder per process: CommitScheduler pushes the whole folder, so a shared one would push (and re-push)
+        # the files of every other process on this machine.
+        folder = folder or os.path.join(tempfile.gettempdir(), f"chatbot-feedback-{os.getpid()}-{os.urandom(4).hex()}")
     if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
         raise _bad("CHATBOT_FEEDBACK_DIR", folder, "a directory (created if missing), not a file")
-    return {"feedback_dir": folder, "feedback_dataset": dataset}
+    return {"feedback_dir": folder, "feedback_dataset": dataset,
+            "feedback_max_mb": _number(env, "CHATBOT_FEEDBACK_MAX_MB", int, 200, lo=1)}
 
 
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
@@ -182,6 +189,8 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         n_ctx=n_ctx,
         threads=_number(env, "CHATBOT_THREADS", int, default_threads(env), lo=1),
         max_input_chars=_number(env, "CHATBOT_MAX_INPUT_CHARS", int, 8000, lo=1),
+        max_system_chars=_number(env, "CHATBOT_MAX_SYSTEM_CHARS", int, 8000, lo=0),
+        max_history_chars=_number(env, "CHATBOT_MAX_HISTORY_CHARS", int, 32000, lo=0),
         openai_base_url=base_url.rstrip("/"),
         openai_api_key=_get(env, "OPENAI_API_KEY") or "sk-no-key-required",
         mock_delay=_number(env, "CHATBOT_MOCK_DELAY", float, 0.05, lo=0, hi=60),

@@ -7,20 +7,29 @@ never waits for the UI and updates go out at most every STREAM_INTERVAL seconds.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import hmac
+import math
+import os
 import queue
 import sys
 import threading
 import time
 import traceback
-from typing import Any, Iterator
+import uuid
+from typing import Any, Callable, Iterator
+
+import gradio as gr
 
 from chatbot import feedback
-from chatbot.backends.base import Backend, GenerationParams
+from chatbot.backends.base import Backend, GenerationParams, fresh_seed
 from chatbot.history import NOTICE, build_messages, content_text, normalise, trim
 from chatbot.settings import Settings
 from chatbot.timing import ReplyClock
 
 STREAM_INTERVAL = 0.05  # seconds between UI updates while streaming
+QUEUE_SIZE = 64         # requests waiting at once, every caller included; more are told the queue is full
+KEY_SECRET = os.urandom(32)  # this process's secret for conversation_key
 EXAMPLES = [
     "Hi! What can you help me with?",
     "Explain what a large language model is in two sentences.",
@@ -33,7 +42,7 @@ def notice(text: str) -> str:
     return NOTICE + text
 
 
-def format_stats(clock: ReplyClock, finish: str | None, dropped: int) -> str:
+def format_stats(clock: ReplyClock, finish: str | None, dropped: int, over_limit: int = 0) -> str:
     """One unobtrusive line under the chat: tokens, decode speed, time to first token, why it ended."""
     if clock.ttft is None:
         return ""
@@ -46,11 +55,13 @@ def format_stats(clock: ReplyClock, finish: str | None, dropped: int) -> str:
         parts.append("stopped")
     if dropped:
         parts.append(f"{dropped} oldest messages left out to fit the context")
+    if over_limit:
+        parts.append(f"{over_limit} oldest messages over CHATBOT_MAX_HISTORY_CHARS left out")
     return " · ".join(parts)
 
 
 def stream_reply(backend: Backend, messages: list[dict], params: GenerationParams,
-                 dropped: int = 0) -> Iterator[tuple[str, str]]:
+                 dropped: int = 0, over_limit: int = 0) -> Iterator[tuple[str, str]]:
     """(reply so far, stats line) pairs while the backend streams in a producer thread."""
     items: queue.SimpleQueue = queue.SimpleQueue()
     cancel = threading.Event()
@@ -93,7 +104,7 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
                 clock.add(chunk.text, chunk.tokens, at)
                 text += chunk.text
                 finish = chunk.finish_reason or finish
-            yield text, format_stats(clock, finish, dropped)
+            yield text, format_stats(clock, finish, dropped, over_limit)
             next_update = time.perf_counter() + STREAM_INTERVAL
     finally:
         # Also reached when Gradio closes the generator (stop button, client gone): end decoding now.
@@ -101,13 +112,53 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
         producer.join()
 
 
-def make_respond(settings: Settings, backend: Backend):
+def conversation_key(session: str | None, conversation: list[dict]) -> str:
+    """The backend's cache key (GenerationParams.conversation) of one conversation of one browser session: keyed by
+    the session and the conversation's first message, hashed with a per-process secret so it names neither. A call
+    without a session gets a key of its own, never reused."""
+    if not session:
+        return uuid.uuid4().hex
+    first = next((m["content"] for m in conversation if m["role"] == "user"), "")
+    return hmac.new(KEY_SECRET, f"{session}\0{first}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+
+
+def keep_recent(history: list[dict], max_chars: int) -> list[dict]:
+    """The newest whole turns of `history` (user message first) whose text is at most max_chars characters,
+    counted without tokenising: the history limit applied before the model is asked for anything."""
+    total, start = 0, len(history)
+    for i in range(len(history) - 1, -1, -1):
+        total += len(history[i]["content"])
+        if total > max_chars:
+            break
+        if history[i]["role"] == "user":
+            start = i
+    return history[start:]
+
+
+def read_number(label: str, value: Any, default: float, lo: float, hi: float) -> float | str:
+    """A Settings value from the page or an API caller, clamped to the slider's range; a notice (str) when it is
+    not a finite number (min(max(nan, lo), hi) is nan, which the backends would take)."""
+    if value is None:
+        return float(default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        return notice(f"{label}={value!r} is not valid; accepted: a number from {lo:g} to {hi:g}.")
+    return min(max(number, lo), hi)
+
+
+def make_respond(settings: Settings, backend: Backend, on_reply: Callable[..., None] | None = None):
     """The ChatInterface function: (message, history, system prompt, temperature, top_p, max new tokens,
-    repetition penalty, min-p); what an API caller leaves out comes from the settings."""
+    repetition penalty, min-p); what an API caller leaves out comes from the settings. Every input is checked
+    before it costs anything (no tokenising, no model lock): the message, the system prompt and the numbers are
+    refused with a notice naming the limit, the oldest turns beyond CHATBOT_MAX_HISTORY_CHARS are left out.
+    `on_reply(session, conversation, reply, system_prompt, params, dropped)` hears of every reply streamed."""
 
     def respond(message: Any, history: list, system_prompt: str | None = None, temperature: float | None = None,
                 top_p: float | None = None, max_new_tokens: float | None = None, repeat_penalty: float | None = None,
-                min_p: float | None = None) -> Iterator[tuple[str, str]]:
+                min_p: float | None = None, request: gr.Request = None) -> Iterator[tuple[str, str]]:
         text = content_text(message["text"] if isinstance(message, dict) and "text" in message else message)
         if not text.strip():
             yield notice("Please type a message."), ""
@@ -116,17 +167,33 @@ def make_respond(settings: Settings, backend: Backend):
             yield notice(f"Your message is {len(text)} characters long; the limit is {settings.max_input_chars} "
                          "(CHATBOT_MAX_INPUT_CHARS). Please shorten it."), ""
             return
-        # API callers can send anything: clamp to what the sliders allow instead of failing mid-request.
-        params = GenerationParams(
-            max_new_tokens=max(1, min(int(max_new_tokens or settings.max_new_tokens), backend.n_ctx - 1)),
-            temperature=min(max(float(settings.temperature if temperature is None else temperature), 0.0), 2.0),
-            top_p=min(max(float(settings.top_p if top_p is None else top_p), 0.01), 1.0),
-            min_p=min(max(float(settings.min_p if min_p is None else min_p), 0.0), 1.0),
-            repeat_penalty=min(max(float(settings.repeat_penalty if repeat_penalty is None else repeat_penalty),
-                                   1.0), 2.0),
-            seed=settings.seed)
         system = settings.system_prompt if system_prompt is None else system_prompt
-        messages = build_messages(system, normalise(history), text)
+        if not isinstance(system, str):
+            yield notice("The system prompt is not valid; accepted: text."), ""
+            return
+        if len(system) > settings.max_system_chars:
+            yield notice(f"The system prompt is {len(system)} characters long; the limit is "
+                         f"{settings.max_system_chars} (CHATBOT_MAX_SYSTEM_CHARS). Please shorten it."), ""
+            return
+        # API callers can send anything: clamp to what the sliders allow, refuse what is not a number.
+        values = [read_number("Temperature", temperature, settings.temperature, 0.0, 2.0),
+                  read_number("Top-p", top_p, settings.top_p, 0.01, 1.0),
+                  read_number("Max new tokens", max_new_tokens or None, settings.max_new_tokens, 1, backend.n_ctx - 1),
+                  read_number("Repetition penalty", repeat_penalty, settings.repeat_penalty, 1.0, 2.0),
+                  read_number("Min-p", min_p, settings.min_p, 0.0, 1.0)]
+        bad = next((v for v in values if isinstance(v, str)), None)
+        if bad is not None:
+            yield bad, ""
+            return
+        temperature, top_p, max_new_tokens, repeat_penalty, min_p = values
+        session = getattr(request, "session_hash", None)
+        conversation = normalise(list(history or []) + [{"role": "user", "content": text}])
+        kept = keep_recent(conversation[:-1], settings.max_history_chars) + conversation[-1:]
+        params = GenerationParams(
+            max_new_tokens=int(max_new_tokens), temperature=temperature, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, seed=settings.seed if settings.seed is not None else fresh_seed(),
+            conversation=conversation_key(session, conversation))
+        messages = build_messages(system, kept[:-1], kept[-1]["content"])
         fitted = trim(messages, backend.count_tokens, backend.n_ctx, params.max_new_tokens)
         if fitted is None:
             alone = backend.count_tokens(messages[:1] + messages[-1:] if len(messages) > 1 else messages)
@@ -135,21 +202,31 @@ def make_respond(settings: Settings, backend: Backend):
                          "Please shorten it or lower “Max new tokens”."), ""
             return
         trimmed, _ = fitted
-        yield from stream_reply(backend, trimmed, params, dropped=len(messages) - len(trimmed))
+        over_limit = len(conversation) - len(kept)
+        dropped = over_limit + len(messages) - len(trimmed)
+        reply = ""
+        try:
+            for reply, stats in stream_reply(backend, trimmed, params, dropped=len(messages) - len(trimmed),
+                                             over_limit=over_limit):
+                yield reply, stats
+        finally:  # also when the visitor stopped the reply: what they saw is what they can rate
+            if on_reply is not None and session:
+                on_reply(session, conversation, reply, system, params, dropped)
 
     return respond
 
 
-def build_app(settings: Settings, backend: Backend):
-    """The Gradio Blocks app; launch it with .launch() (app.py does)."""
-    import gradio as gr
-
+def build_app(settings: Settings, backend: Backend, log: feedback.FeedbackLog | None = None):
+    """The Gradio Blocks app, its queue set up; launch it with .launch() (app.py does). Feedback is recorded to
+    `log`, else to the log the settings ask for (none unless CHATBOT_FEEDBACK_DIR is set)."""
+    log = log or feedback.open_log(settings)
+    collector = feedback.FeedbackCollector(log, settings, backend) if log is not None else None
     slider_max = max(settings.max_new_tokens, min(4096, backend.n_ctx // 2))
     with gr.Blocks(title=f"Chat · {backend.model_name}", fill_height=True) as demo:
         # Rendered below the chat but created first: ChatInterface needs its additional outputs to exist.
         stats = gr.Markdown("", elem_id="reply-stats", render=False)
         chat = gr.ChatInterface(
-            make_respond(settings, backend),
+            make_respond(settings, backend, collector.served if collector else None),
             title=f"Chat with {backend.model_name}",
             description=f"Backend `{backend.name}` · context {backend.n_ctx} tokens · replies stream as they "
                         "are generated; the stop button ends generation at once." + feedback.notice(settings),
@@ -179,5 +256,9 @@ def build_app(settings: Settings, backend: Backend):
             editable=True,
         )
         stats.render()
-        feedback.attach(chat, settings, backend)  # thumbs/retry -> records, when CHATBOT_FEEDBACK_DIR is set
-    return demo
+        if collector is not None:  # thumbs/retry -> records, when CHATBOT_FEEDBACK_DIR is set
+            feedback.attach(demo, chat, collector)
+    # The queue's bound holds for every caller: api_open=False closes the direct POST /gradio_api/run/chat route,
+    # which would otherwise skip both the queue (max_size) and the event's concurrency_limit. gradio_client and
+    # /gradio_api/call/chat go through the queue.
+    return demo.queue(max_size=QUEUE_SIZE, api_open=False)

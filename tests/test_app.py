@@ -45,7 +45,7 @@ def app():
     backend = SpyBackend(settings)
     demo = build_app(settings, backend)
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", backend
     demo.close()
 

@@ -64,9 +64,12 @@ def tree(tmp_path):
 class FakeHub:
     """Records HfApi calls; each is bound against the real method's signature so a wrong keyword fails here."""
 
-    def __init__(self, existing_variables=()):
+    def __init__(self, existing_variables=(), repo_files=(), list_error: Exception | None = None):
         self.calls: list[tuple[str, inspect.BoundArguments]] = []
         self.existing_variables = {key: object() for key in existing_variables}
+        self.repo_files = list(repo_files)
+        self.list_error = list_error
+        self.uploaded: dict[str, str] = {}  # what upload_folder found in its folder, read while the call ran
 
     def __getattr__(self, name):
         real = getattr(HfApi, name)
@@ -79,6 +82,14 @@ class FakeHub:
                 return dict(self.existing_variables)
             if name == "create_repo":
                 return f"https://huggingface.co/spaces/{bound.arguments['repo_id']}"
+            if name == "list_repo_files":
+                if self.list_error is not None:
+                    raise self.list_error
+                return list(self.repo_files)
+            if name == "upload_folder":
+                folder = Path(bound.arguments["folder_path"])
+                self.uploaded = {f.relative_to(folder).as_posix(): f.read_text() for f in folder.rglob("*")
+                                 if f.is_file()}
             return None
 
         return record
@@ -258,6 +269,19 @@ def test_hardware_is_requested_only_when_asked(tree, no_network, no_token):
         (["--space", "alice/chat", "--set", "CHATBOT_BACKEND=vllm"], "CHATBOT_BACKEND"),
         (["--space", "alice/chat", "--private-model"], "--private-model"),
         (["--space", "alice/chat", "--model", "bob/m", "--private-model"], "--private-model"),
+        # ZeroGPU: what cannot run there
+        (["--space", "alice/chat", "--hardware", "zero-a10g", "--set", "CHATBOT_BACKEND=llama_cpp"],
+         "CHATBOT_BACKEND='llama_cpp' is not valid on ZeroGPU"),
+        (["--space", "alice/chat", "--hardware", "zero-a10g", "--set", "CHATBOT_BACKEND=llama-cpp"],
+         "CHATBOT_BACKEND='llama_cpp' is not valid on ZeroGPU"),
+        (["--space", "alice/chat", "--hardware", "zero-a10g", "--model", "bob/m", "--gguf-file", "*Q4_K_M.gguf"],
+         "--gguf-file '*Q4_K_M.gguf' is not valid on ZeroGPU"),
+        (["--space", "alice/chat", "--hardware", "zero-a10g", "--model", "bob/SmolLM2-ft-GGUF"],
+         "--model 'bob/SmolLM2-ft-GGUF' is not valid on ZeroGPU"),
+        (["--space", "alice/chat", "--hardware", "zero-a10g", "--set", "CHATBOT_DEVICE=cpu"],
+         "CHATBOT_DEVICE='cpu' is not valid on ZeroGPU"),
+        (["--space", "alice/chat", "--set", "CHATBOT_BACKEND=transformers", "--set", "CHATBOT_DEVICE=cuda"],
+         "CHATBOT_DEVICE=cuda, but hardware cpu-basic has no GPU"),
     ],
 )
 def test_bad_options_fail_with_one_line_naming_the_option(tree, no_network, no_token, capsys, argv, named):
@@ -267,6 +291,109 @@ def test_bad_options_fail_with_one_line_naming_the_option(tree, no_network, no_t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
     assert hub.calls == []
+
+
+# --- ZeroGPU ---------------------------------------------------------------------------------------------------------
+
+MERGED_REPO = ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "model-q4_k_m.gguf", "adapter/adapter_model.safetensors", "run/summary.json"]
+
+
+@pytest.fixture
+def zerogpu_tree(tree):
+    shutil.copy(ROOT / "requirements-zerogpu.txt", tree / "requirements-zerogpu.txt")
+    return tree
+
+
+def test_zerogpu_dry_run_prints_files_requirements_and_variables(zerogpu_tree, no_network, capsys):
+    rc = deploy.main(["--space", "alice/chat", "--hardware", "zero-a10g", "--model", "alice/smollm2-ft",
+                      "--folder", str(zerogpu_tree), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.splitlines()
+    assert "hardware zero-a10g = ZeroGPU" in lines[1]
+    assert [line[2:] for line in lines if line.startswith("  ") and "=" not in line] == sorted(APP)
+    # The exact text the Space installs: requirements-zerogpu.txt, line for line.
+    shown = [line[2:] for line in lines if line.startswith("| ")]
+    assert shown == (ROOT / "requirements-zerogpu.txt").read_text().rstrip("\n").splitlines()
+    assert "requirements.txt on the Space (from requirements-zerogpu.txt):" in lines
+    assert [line for line in lines if line.startswith("  CHATBOT_")] == [
+        "  CHATBOT_BACKEND=transformers", "  CHATBOT_DEVICE=cuda", "  CHATBOT_MODEL=alice/smollm2-ft"]
+    assert "warning" not in out
+
+
+def test_cpu_dry_run_prints_the_folders_own_requirements(tree, capsys):
+    assert deploy.main(["--space", "alice/chat", "--folder", str(tree), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "requirements.txt on the Space (from requirements.txt):" in lines
+    assert [line[2:] for line in lines if line.startswith("| ")] == ["# requirements.txt"]
+
+
+def test_zerogpu_requirements_serve_transformers_without_llama_cpp():
+    text = (ROOT / "requirements-zerogpu.txt").read_text()
+    pins = dict(line.split("==") for line in text.splitlines() if "==" in line and not line.startswith("#"))
+    assert {"spaces", "torch", "transformers", "peft", "gradio"} <= set(pins)
+    assert not [line for line in text.splitlines() if line.startswith("llama")]  # no llama-cpp-python build
+    # The same versions the tests run: the Space's gradio SDK, the dev spaces pin, the CPU Space's commented pins.
+    readme = (ROOT / "README.md").read_text()
+    assert f"sdk_version: {pins['gradio']}\n" in readme
+    assert f"spaces=={pins['spaces']}" in (ROOT / "requirements-dev.txt").read_text()
+    cpu = (ROOT / "requirements.txt").read_text()
+    for package in ("torch", "transformers", "peft"):
+        assert f"{package}=={pins[package]}" in cpu
+
+
+def test_zerogpu_deploy_checks_the_model_then_uploads_the_gpu_requirements(zerogpu_tree, no_network, no_token,
+                                                                         capsys):
+    hub = FakeHub(existing_variables=["CHATBOT_GGUF_FILE"], repo_files=MERGED_REPO)
+    rc = deploy.main(["--space", "alice/chat", "--hardware", "zero-a10g", "--model", "alice/smollm2-ft",
+                      "--folder", str(zerogpu_tree)], api=hub)
+    assert rc == 0
+    assert hub.names() == ["list_repo_files", "create_repo", "get_space_variables", "delete_space_variable",
+                           "add_space_variable", "add_space_variable", "add_space_variable",
+                           "request_space_hardware", "upload_folder"]
+    assert hub.args("list_repo_files")[0]["repo_id"] == "alice/smollm2-ft"
+    assert hub.args("create_repo")[0]["space_hardware"] == "zero-a10g"
+    assert [a["hardware"] for a in hub.args("request_space_hardware")] == ["zero-a10g"]
+    assert [(a["key"], a["value"]) for a in hub.args("add_space_variable")] == [
+        ("CHATBOT_BACKEND", "transformers"), ("CHATBOT_DEVICE", "cuda"), ("CHATBOT_MODEL", "alice/smollm2-ft")]
+    # One upload: the app's files, with the GPU requirements as the Space's requirements.txt.
+    assert sorted(hub.uploaded) == sorted(APP)
+    assert hub.uploaded["requirements.txt"] == (ROOT / "requirements-zerogpu.txt").read_text()
+    assert hub.uploaded["app.py"] == (zerogpu_tree / "app.py").read_text()
+    assert (zerogpu_tree / "requirements.txt").read_text() == "# requirements.txt\n"  # the checkout is untouched
+    assert "torch installs on first build" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("files", "error", "named"), [
+    (["README.md", "SmolLM2-ft-q4_k_m.gguf", "SmolLM2-ft-q8_0.gguf"], None, "GGUF files, no transformers weights"),
+    (["README.md", "notes.txt"], None, "it has no config.json and weights at its root"),
+    ([], "not found", "could not be listed on the Hub (RepositoryNotFoundError"),
+])
+def test_zerogpu_model_repo_that_cannot_serve_stops_before_any_write(zerogpu_tree, no_network, no_token, capsys,
+                                                                     files, error, named):
+    import httpx2
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    failure = RepositoryNotFoundError("404 Client Error: Repository Not Found for url: https://huggingface.co/api/"
+                                      "models/bob/gone", response=httpx2.Response(404, request=httpx2.Request(
+                                          "GET", "https://huggingface.co/api/models/bob/gone"))) if error else None
+    hub = FakeHub(repo_files=files, list_error=failure)
+    assert deploy.main(["--space", "alice/chat", "--hardware", "zero-a10g", "--model", "bob/gone",
+                        "--folder", str(zerogpu_tree)], api=hub) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "--model 'bob/gone'" in err, err
+    assert hub.names() == ["list_repo_files"]
+
+
+def test_zerogpu_dry_run_as_a_command_from_this_checkout():
+    """The command the docs give, on this repository: the real requirements-zerogpu.txt and app files."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "deploy_space.py"), "--space", "alice/chat", "--hardware", "zero-a10g",
+         "--model", "alice/smollm2-ft", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "  chatbot/zerogpu.py\n" in proc.stdout and "  chatbot/device.py\n" in proc.stdout
+    assert "| spaces==" in proc.stdout and "| llama-cpp-python" not in proc.stdout
 
 
 def test_folder_without_an_app_is_refused(tmp_path, capsys):

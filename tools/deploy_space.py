@@ -7,12 +7,17 @@ Creates the Space if missing (gradio SDK), makes its CHATBOT_* variables exactly
 adds HF_TOKEN as a secret only for a private model, uploads the app (app.py, the whole chatbot/ package,
 requirements.txt, README.md, ...) and prints the Space URL. This file lives outside chatbot/ so the Space never
 gets it.
---dry-run prints the same plan (files, variables, secrets) and touches no network.
+--hardware zero-a10g (ZeroGPU) serves --model, the merged repo `finetune.py --push-to-hub` wrote, with the
+transformers backend on a borrowed GPU: requirements-zerogpu.txt goes up as the Space's requirements.txt and
+CHATBOT_BACKEND=transformers, CHATBOT_DEVICE=cuda are set. What cannot run there (llama_cpp, a GGUF) stops here.
+--dry-run prints the same plan (files, the exact requirements, variables, secrets) and touches no network.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +63,10 @@ NEVER_UPLOAD = [
 ]
 VARIABLE_PREFIX = "CHATBOT_"
 HARDWARE = [h.value for h in SpaceHardware]
+ZEROGPU = SpaceHardware.ZERO_A10G.value  # the Hub's name for ZeroGPU (today an H200 slice, whatever it says)
+CPU_HARDWARE = (SpaceHardware.CPU_BASIC.value, SpaceHardware.CPU_UPGRADE.value)
+ZEROGPU_REQUIREMENTS = "requirements-zerogpu.txt"
+ZEROGPU_VARIABLES = {"CHATBOT_BACKEND": "transformers", "CHATBOT_DEVICE": "cuda"}
 HUB = "https://huggingface.co"
 
 
@@ -71,6 +80,8 @@ class Plan:
     folder: Path
     files: list[str]
     variables: dict[str, str]
+    requirements: str = ""                  # the exact text the Space installs as requirements.txt
+    requirements_from: str = "requirements.txt"  # the file in `folder` it comes from
     secrets: list[str] = field(default_factory=list)
     hardware: str = "cpu-basic"
     request_hardware: bool = False  # only when asked: an existing Space keeps the hardware it was given
@@ -111,10 +122,56 @@ def _variable(assignment: str) -> tuple[str, str]:
     return key, value
 
 
-def _requirements_have(folder: Path, package: str) -> bool:
-    req = folder / "requirements.txt"
-    lines = req.read_text(encoding="utf-8").splitlines() if req.is_file() else []
-    return any(line.strip().lower().startswith(package) for line in lines)
+def _requirements_have(text: str, package: str) -> bool:
+    return any(line.strip().lower().startswith(package) for line in text.splitlines())
+
+
+def _read(folder: Path, name: str) -> str:
+    path = folder / name
+    if not path.is_file():
+        raise DeployError(f"--folder: {str(folder)!r} has no {name}; pass the repository root")
+    return path.read_text(encoding="utf-8")
+
+
+def _zerogpu_checks(args: argparse.Namespace, variables: dict[str, str]) -> None:
+    """What cannot run on ZeroGPU stops here, in one line each."""
+    backend = variables.get("CHATBOT_BACKEND", "transformers").strip().lower().replace("-", "_")
+    if backend != "transformers":
+        raise DeployError(f"--hardware {ZEROGPU}: CHATBOT_BACKEND={backend!r} is not valid on ZeroGPU (llama.cpp is "
+                          "CPU-only here; only the transformers backend uses its GPU); accepted: transformers, the "
+                          "default with this hardware")
+    if variables.get("CHATBOT_DEVICE", "cuda").strip().lower() == "cpu":
+        raise DeployError(f"--hardware {ZEROGPU}: CHATBOT_DEVICE='cpu' is not valid on ZeroGPU (its GPU would go "
+                          "unused); accepted: cuda, the default with this hardware, or auto")
+    if args.gguf_file is not None:
+        raise DeployError(f"--gguf-file {args.gguf_file!r} is not valid on ZeroGPU (a GGUF runs on llama.cpp, "
+                          "CPU-only here); accepted: --model alone, the merged repo finetune.py --push-to-hub wrote")
+    if args.model is not None and args.model.lower().endswith(("-gguf", ".gguf", "_gguf")):
+        raise DeployError(f"--model {args.model!r} is not valid on ZeroGPU (a GGUF-only repo, by its name); "
+                          "accepted: a transformers model repo, e.g. the one finetune.py --push-to-hub wrote "
+                          "(merged safetensors at its root)")
+
+
+def check_model_repo(plan: Plan, api, token: str | None) -> None:
+    """ZeroGPU: the model repo must hold transformers weights at its root (one listing, read-only)."""
+    model = plan.variables.get("CHATBOT_MODEL")
+    if plan.hardware != ZEROGPU or model is None:
+        return
+    try:
+        files = list(api.list_repo_files(model, revision=plan.variables.get("CHATBOT_REVISION"), token=token))
+    except Exception as exc:  # not found, private without a token, no connection: all the user's to fix
+        text = str(exc).strip().splitlines()
+        raise DeployError(f"--model {model!r} could not be listed on the Hub ({type(exc).__name__}: "
+                          f"{text[0] if text else ''}); accepted: a model repo id you can read (--private-model "
+                          "for a private one)") from None
+    weights = [f for f in files if "/" not in f and f.endswith((".safetensors", ".bin"))]
+    if "config.json" in files and weights:
+        return
+    if any(f.endswith(".gguf") for f in files):
+        raise DeployError(f"--model {model!r} is not valid on ZeroGPU (GGUF files, no transformers weights); "
+                          "accepted: the repo finetune.py --push-to-hub wrote (merged safetensors at its root)")
+    raise DeployError(f"--model {model!r} is not valid on ZeroGPU (it has no config.json and weights at its root); "
+                      "accepted: a transformers causal LM repo, e.g. the one finetune.py --push-to-hub wrote")
 
 
 def build_plan(args: argparse.Namespace, token: str | None) -> Plan:
@@ -127,6 +184,7 @@ def build_plan(args: argparse.Namespace, token: str | None) -> Plan:
         raise DeployError(f"--hardware: {args.hardware!r} is not a Space hardware; accepted: {', '.join(HARDWARE)}")
 
     variables: dict[str, str] = {}
+    warnings: list[str] = []
     if args.model is not None:
         if Path(args.model).exists():
             raise DeployError(
@@ -143,6 +201,20 @@ def build_plan(args: argparse.Namespace, token: str | None) -> Plan:
     for assignment in args.set or []:
         key, value = _variable(assignment)
         variables[key] = value
+    requirements_from = "requirements.txt"
+    if args.hardware == ZEROGPU:
+        _zerogpu_checks(args, variables)
+        variables = {**ZEROGPU_VARIABLES, **variables}
+        requirements_from = ZEROGPU_REQUIREMENTS
+        if args.model is None:
+            from chatbot.model_files import EMBEDDED_REPO_ID
+
+            warnings.append(f"no --model: the Space serves {EMBEDDED_REPO_ID} from the Hub; pass --model USER/NAME, "
+                            "the repo finetune.py --push-to-hub wrote")
+    elif args.hardware in CPU_HARDWARE and variables.get("CHATBOT_DEVICE") == "cuda":
+        raise DeployError(f"--set: CHATBOT_DEVICE=cuda, but hardware {args.hardware} has no GPU; accepted: auto or "
+                          f"cpu, or --hardware {ZEROGPU} (ZeroGPU) or another GPU hardware")
+    requirements = _read(folder, requirements_from)
 
     # The Space reads these with the app's own settings loader: a value it would refuse fails here, not after a rebuild.
     try:
@@ -150,11 +222,10 @@ def build_plan(args: argparse.Namespace, token: str | None) -> Plan:
     except ConfigError as exc:
         raise DeployError(f"the Space would refuse to start: {exc}") from None
 
-    warnings = []
-    if settings.backend == "transformers" and not _requirements_have(folder, "torch"):
+    if settings.backend == "transformers" and not _requirements_have(requirements, "torch"):
         warnings.append(
             "CHATBOT_BACKEND=transformers needs torch, transformers and peft in requirements.txt "
-            "(uncomment the three lines there), or the Space fails at start-up"
+            f"(uncomment the three lines there, or use --hardware {ZEROGPU}), or the Space fails at start-up"
         )
     secrets = []
     if args.private_model:
@@ -172,6 +243,8 @@ def build_plan(args: argparse.Namespace, token: str | None) -> Plan:
         folder=folder,
         files=files,
         variables=variables,
+        requirements=requirements,
+        requirements_from=requirements_from,
         secrets=secrets,
         hardware=args.hardware,
         request_hardware=args.hardware_given,
@@ -183,9 +256,12 @@ def build_plan(args: argparse.Namespace, token: str | None) -> Plan:
 def describe(plan: Plan) -> str:
     visibility = "private" if plan.private_space else "public"
     lines = [
-        f"Space: {plan.url} (sdk gradio, hardware {plan.hardware}, {visibility} if created now)",
+        f"Space: {plan.url} (sdk gradio, hardware {plan.hardware}"
+        + (" = ZeroGPU" if plan.hardware == ZEROGPU else "") + f", {visibility} if created now)",
         f"Files to upload from {plan.folder} ({len(plan.files)}):",
         *(f"  {f}" for f in plan.files),
+        f"requirements.txt on the Space (from {plan.requirements_from}):",
+        *(f"| {line}" for line in plan.requirements.rstrip("\n").splitlines()),
         "Space variables:" if plan.variables else "Space variables: none (the Space serves the embedded default model)",
         *(f"  {k}={v}" for k, v in sorted(plan.variables.items())),
         f"Other {VARIABLE_PREFIX}* variables already on the Space are deleted.",
@@ -215,17 +291,28 @@ def deploy(plan: Plan, api, token: str | None) -> str:
         api.add_space_secret(plan.space, name, token, description="read access to the private model")
     if plan.request_hardware:
         api.request_space_hardware(plan.space, plan.hardware)
-    api.upload_folder(
-        repo_id=plan.space,
-        repo_type="space",
-        folder_path=plan.folder,
-        allow_patterns=APP_PATTERNS,
-        ignore_patterns=list(NEVER_UPLOAD),
-        # Files the app no longer has (a renamed module) go away too; files outside the app are left alone.
-        delete_patterns=APP_PATTERNS,
-        commit_message="Deploy with tools/deploy_space.py",
-    )
+    with tempfile.TemporaryDirectory(prefix="deploy-space-") as staging:
+        folder = plan.folder if plan.requirements_from == "requirements.txt" else stage(plan, Path(staging))
+        api.upload_folder(
+            repo_id=plan.space,
+            repo_type="space",
+            folder_path=folder,
+            allow_patterns=APP_PATTERNS,
+            ignore_patterns=list(NEVER_UPLOAD),
+            # Files the app no longer has (a renamed module) go away too; files outside the app are left alone.
+            delete_patterns=APP_PATTERNS,
+            commit_message="Deploy with tools/deploy_space.py",
+        )
     return plan.url
+
+
+def stage(plan: Plan, staging: Path) -> Path:
+    """A copy of the planned files with the plan's requirements as requirements.txt: one commit, one rebuild."""
+    for rel in plan.files:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(plan.folder / rel, staging / rel)
+    (staging / "requirements.txt").write_text(plan.requirements, encoding="utf-8")
+    return staging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,7 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gguf-file", help="file name or glob in --model, e.g. '*Q4_K_M.gguf' (sets CHATBOT_GGUF_FILE)")
     p.add_argument("--private-model", action="store_true", help="--model is private: add your token as secret HF_TOKEN")
     p.add_argument("--set", action="append", metavar="CHATBOT_X=VALUE", help="any other Space variable; repeatable")
-    p.add_argument("--hardware", default=None, help="Space hardware (default cpu-basic, the free 2 vCPU / 16 GB)")
+    p.add_argument("--hardware", default=None, help="Space hardware (default cpu-basic, 2 vCPU / 16 GB; "
+                   f"{ZEROGPU} = ZeroGPU, which free accounts can host)")
     p.add_argument("--private", action="store_true", help="create the Space private (ignored if it exists)")
     p.add_argument("--folder", default=str(REPO_ROOT), help="repository root to upload from (default: this checkout)")
     p.add_argument("--dry-run", action="store_true", help="print files, variables and secrets; touch no network")
@@ -265,8 +353,14 @@ def main(argv: list[str] | None = None, api=None) -> int:
         from huggingface_hub import HfApi
 
         api = HfApi()
+    try:
+        check_model_repo(plan, api, token)
+    except DeployError as exc:
+        print(f"deploy: {exc}", file=sys.stderr)
+        return 2
     url = deploy(plan, api, token)
-    print(f"Deployed {len(plan.files)} files. The Space rebuilds now (llama-cpp-python compiles on first build):")
+    build = "torch installs on first build" if plan.hardware == ZEROGPU else "llama-cpp-python compiles on first build"
+    print(f"Deployed {len(plan.files)} files. The Space rebuilds now ({build}):")
     print(url)
     return 0
 

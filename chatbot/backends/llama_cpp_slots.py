@@ -1,0 +1,249 @@
+"""Continuous batching over one llama.cpp context: up to n_seq conversations decoded in one batch per step.
+
+One engine thread owns the context (a llama_context is not thread-safe). Each step it
+  1. ends the sequences whose visitor pressed stop or went away (only theirs: the others go on),
+  2. gives free sequences to waiting requests, in arrival order (a returning conversation's saved state is copied
+     back into the sequence, trimmed to what its new prompt shares with it),
+  3. builds one llama_batch: the last sampled token of every generating sequence, then prompt tokens of the
+     sequences still reading their prompt: as many as fit in n_batch while nobody is generating, else at most
+     PREFILL_CHUNK a step, so a long prompt does not freeze the others' streams,
+  4. decodes it and samples, per sequence with its own sampler chain, from that sequence's row of logits.
+Requests arriving meanwhile wait for the next step. Each sequence's KV cells live in its own stream of the context
+(llama.cpp's non-unified KV cache), so attention never mixes sequences, and one sequence never runs out of room
+because of another.
+"""
+from __future__ import annotations
+
+import ctypes
+import queue
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import llama_cpp
+
+from chatbot.backends.base import Chunk, cancelled
+from chatbot.backends.llama_cpp_seq_cache import SavedSequence, SequenceCache, shared_prefix
+from chatbot.backends.token_text import TextStream, token_piece
+
+PREFILL_CHUNK = 64  # prompt tokens per step while other sequences are generating (see docs/serving.md)
+
+
+class TokenChooser(Protocol):
+    """Picks a sequence's next token from a row of the last batch's logits (a SequenceSampler, or a test's
+    teacher forcing)."""
+
+    def sample(self, ctx, row: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompt tokens, how to choose tokens, and the queue its Chunks (or an exception) go to."""
+    prompt: list[int]
+    max_new_tokens: int
+    chooser: TokenChooser
+    stops: list[str] = field(default_factory=list)
+    key: str | None = None                  # conversation key: saved state is reused only for the same key
+    cancel: threading.Event | None = None   # the caller's stop button
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    closed: bool = False                    # the caller went away (generator closed)
+    reused: int = 0                         # prompt tokens that came from the saved state, not evaluated again
+
+    def stopped(self) -> bool:
+        return self.closed or cancelled(self.cancel)
+
+
+class Slot:
+    """One llama.cpp sequence (seq_id = its index) and the job it is serving."""
+
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.job: Job | None = None
+        self.tokens: list[int] = []    # tokens whose KV cells the sequence holds, from position 0
+        self.pending: list[int] = []   # prompt tokens not evaluated yet
+        self.next_token: int | None = None  # sampled, to be evaluated in the next step
+        self.generated = 0
+        self.unsent = 0                # tokens generated since the last chunk with text
+        self.text: TextStream | None = None
+        self.row: int | None = None    # this sequence's row of logits in the batch just decoded
+        self.order = 0                 # when its job was admitted: prompts are read first come, first served
+
+
+class SlotScheduler:
+    def __init__(self, ctx, vocab, n_seq: int, n_batch: int, cache: SequenceCache | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.ctx, self.vocab, self.memory = ctx, vocab, llama_cpp.llama_get_memory(ctx)
+        self.n_batch, self.prefill_chunk, self.cache = n_batch, prefill_chunk, cache
+        self.slots = [Slot(i) for i in range(n_seq)]
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.waiting: deque[Job] = deque()
+        self.admitted = 0
+        self.wake = threading.Condition()
+        self.running = True
+        self.thread = threading.Thread(target=self.run, name="llama-cpp-slots", daemon=True)
+        self.thread.start()
+
+    # --- called from request threads -----------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        with self.wake:
+            if not self.running:
+                raise RuntimeError("the model has been closed")
+            self.waiting.append(job)
+            self.wake.notify()
+        return job
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running end as cancelled) and free the batch."""
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        self.thread.join()
+        for job in self.waiting:
+            job.out.put(Chunk("", "cancelled"))
+        self.waiting.clear()
+        llama_cpp.llama_batch_free(self.batch)
+
+    # --- the engine thread ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while self.running and not self.waiting and not self.active():
+                    self.wake.wait()
+                if not self.running:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # a failed decode: every running request gets the error, the engine goes on
+                traceback.print_exc(file=sys.stderr)
+                for slot in self.active():
+                    slot.job.out.put(exc)
+                    self.release(slot)
+        for slot in self.active():
+            self.finish(slot, "cancelled")
+
+    def active(self) -> list[Slot]:
+        return [s for s in self.slots if s.job is not None]
+
+    def step(self) -> None:
+        for slot in self.active():
+            if slot.job.stopped():
+                self.finish(slot, "cancelled")
+        self.admit()
+        if self.fill_batch():
+            code = llama_cpp.llama_decode(self.ctx, self.batch)
+            if code != 0:
+                raise RuntimeError(f"llama_decode returned {code}")
+            for slot in self.active():
+                if slot.row is not None:
+                    self.take_token(slot, slot.job.chooser.sample(self.ctx, slot.row))
+
+    def admit(self) -> None:
+        with self.wake:
+            while self.waiting and any(s.job is None for s in self.slots):
+                job = self.waiting.popleft()
+                if job.stopped():
+                    job.out.put(Chunk("", "cancelled"))
+                    continue
+                self.begin(next(s for s in self.slots if s.job is None), job)
+            for job in [j for j in self.waiting if j.stopped()]:  # stopped while waiting for a sequence
+                self.waiting.remove(job)
+                job.out.put(Chunk("", "cancelled"))
+
+    def begin(self, slot: Slot, job: Job) -> None:
+        slot.job, slot.tokens, slot.pending = job, [], list(job.prompt)
+        slot.next_token, slot.generated, slot.unsent, slot.text = None, 0, 0, TextStream(job.stops)
+        self.admitted += 1
+        slot.order = self.admitted
+        saved = self.cache.get(job.key) if self.cache is not None else None
+        if saved is not None:
+            # At least the prompt's last token is evaluated again: its logits are what the first token comes from.
+            keep = min(shared_prefix(saved.tokens, job.prompt), len(job.prompt) - 1)
+            if keep > 0 and self.restore(slot.seq, saved, keep):
+                slot.tokens, slot.pending, job.reused = job.prompt[:keep], job.prompt[keep:], keep
+
+    def restore(self, seq: int, saved: SavedSequence, keep: int) -> bool:
+        buf = (ctypes.c_uint8 * len(saved.state)).from_buffer_copy(saved.state)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(saved.state), seq) == 0:
+            llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            return False
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1):  # a model whose memory cannot be cut
+            llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            return False
+        return True
+
+    def fill_batch(self) -> bool:
+        """Put this step's tokens into self.batch; False when there is nothing to decode."""
+        batch, n = self.batch, 0
+
+        def add(slot: Slot, token: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(slot.tokens), 1
+            batch.seq_id[n][0], batch.logits[n] = slot.seq, logits
+            slot.tokens.append(token)
+            if logits:
+                slot.row = n
+            n += 1
+
+        for slot in self.slots:
+            slot.row = None
+        generating = [s for s in self.active() if s.next_token is not None]
+        for slot in generating:
+            add(slot, slot.next_token, True)
+            slot.next_token = None
+        budget = self.n_batch - n if not generating else min(self.prefill_chunk, self.n_batch - n)
+        for slot in sorted((s for s in self.active() if s.pending), key=lambda s: s.order):
+            take, slot.pending = slot.pending[:budget], slot.pending[budget:]
+            for i, token in enumerate(take):
+                add(slot, token, not slot.pending and i == len(take) - 1)
+            budget -= len(take)
+            if budget <= 0:
+                break
+        batch.n_tokens = n
+        return n > 0
+
+    def take_token(self, slot: Slot, token: int) -> None:
+        job = slot.job
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self.finish(slot, "stop")
+            return
+        slot.generated += 1
+        slot.unsent += 1
+        text = slot.text.push(token_piece(self.vocab, token))
+        if text:
+            job.out.put(Chunk(text, tokens=slot.unsent))
+            slot.unsent = 0
+        if slot.text.stopped:
+            self.finish(slot, "stop")
+        elif slot.generated >= job.max_new_tokens:
+            self.finish(slot, "length")
+        else:
+            slot.next_token = token
+
+    def finish(self, slot: Slot, reason: str) -> None:
+        job = slot.job
+        if reason != "cancelled":
+            text = slot.text.flush()
+            if text or slot.unsent:
+                job.out.put(Chunk(text, tokens=slot.unsent))
+        if self.cache is not None and slot.tokens:
+            self.cache.put(job.key, SavedSequence(tuple(slot.tokens), self.save(slot.seq)))
+        job.out.put(Chunk("", reason))
+        self.release(slot)
+
+    def save(self, seq: int) -> bytes:
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return bytes(buf)[:n]
+
+    def release(self, slot: Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+        slot.job.chooser.close()
+        slot.job, slot.tokens, slot.pending, slot.next_token, slot.row = None, [], [], None, None

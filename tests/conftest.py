@@ -92,3 +92,42 @@ def scaled_tiny_llama_without_template_dir(tmp_path_factory, smollm2_tokenizer_d
     """The same model with no chat template in its tokenizer: a recipe's template then adds tokens."""
     return save_scaled_tiny_llama(tmp_path_factory.mktemp("tiny-llama-no-template"), smollm2_tokenizer_dir,
                                   chat_template=False)
+
+
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_small_vocab_llama(out, words, *, chat_template: bool = True):
+    """tiny-llama over a word-level vocabulary of `words` (lower-cased, split at whitespace and punctuation; anything
+    else is <unk>), with ChatML's markers already in it when `chat_template`. A 49k-token vocabulary makes a
+    DPO/KTO step of a 64-wide model cost seconds on CPU (log-probabilities over the whole vocabulary); this one
+    makes it milliseconds, for tests about what a run does rather than what a real tokenizer does."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from training.trainer.shapes import build_random_model
+
+    special = ["<unk>", "<pad>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(special + ["system", "user", "assistant"]
+                                                      + [w.lower() for w in words]))}
+    wl = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    wl.normalizer = normalizers.Lowercase()
+    wl.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="<unk>", pad_token="<pad>",
+                                  eos_token="<|im_end|>" if chat_template else "</s>")
+    if chat_template:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = CHATML
+    build_random_model("tiny-llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_vocab_llama_dir(tmp_path_factory):
+    """tiny-llama with a ChatML template over a ~60-word vocabulary: the words of the tests' synthetic rows."""
+    words = ("tell me about sure no i refuse number nice are is the a . , : ! ? ( ) # apples rivers clocks stars "
+             "bread rain chess trains maps boats lamps tea topic").split() + [str(i) for i in range(100)]
+    return save_small_vocab_llama(tmp_path_factory.mktemp("small-vocab-llama"), words)

@@ -9,6 +9,9 @@ As a script it runs another script under that stand-in (settings from the enviro
 step taking at least HARNESS_STEP_SECONDS and printing `[harness] step`, so a test can signal or kill it mid-run:
 
     HUB_STANDIN_DIR=/tmp/hub HARNESS_STEP_SECONDS=0.2 python tests/lost_machine_harness.py training/finetune.py ...
+
+In-process, `signal_at(step)` is a Trainer callback that sends this process SIGTERM when that optimizer step ends:
+finetune.run then saves that step and raises SystemExit(143), as a spot instance's notice would make it.
 """
 from __future__ import annotations
 
@@ -97,6 +100,18 @@ class StandinHub:
             method = getattr(self, name)
             set_attr(HfApi, name, lambda api, *a, _m=method, **k: _m(api, *a, **k))
         return self
+
+
+def signal_at(step: int, event: str = "on_step_end", signum: int = 15):
+    """A Trainer callback that sends this process `signum` (SIGTERM) once, at `event` of optimizer step `step`."""
+    from transformers import TrainerCallback
+
+    def fire(self, args, state, control, **kwargs):
+        if state.global_step >= step and not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signum)
+
+    return type("SignalAt", (TrainerCallback,), {event: fire, "fired": False})()
 
 
 def _slow_steps(seconds: float) -> None:

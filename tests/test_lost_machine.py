@@ -357,3 +357,51 @@ def test_save_minutes_checkpoints_between_save_steps(tmp_path, tiny_llama_dir):
     assert summary["interruptions"] == [{"step": 2, "checkpoint": "checkpoint-2", "from": "local"}]
     record = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]["RunRecord"]
     assert record["args"]["interruptions"] == summary["interruptions"]
+
+
+@pytest.mark.parametrize("recorded, told", [
+    ({"train.objective": "dpo", "train.beta": 0.1}, "train.objective=dpo but the recipe has train.objective=sft"),
+    ({"train.per_device_train_batch_size": 2}, "train.per_device_train_batch_size=2 but the recipe has "
+                                               "train.per_device_train_batch_size=4"),
+    ({"train.gradient_accumulation_steps": 4}, "train.gradient_accumulation_steps=4 but the recipe has "
+                                               "train.gradient_accumulation_steps=1"),
+    ({"train.max_length": 2048}, "train.max_length=2048 but the recipe has train.max_length=64"),
+    ({"train.packing": True}, "train.packing=True but the recipe has train.packing=False"),
+    ({"chat_template": "0123456789ab"}, "was trained with another chat template than this recipe's "
+                                        "model.chat_template=None gives (chat_template 0123456789ab there"),
+    ({"new_token_ids": [49152]}, "was trained with another set of tokens added by the chat template"),
+    ({"model.mode": "qlora"}, "model.mode=qlora but the recipe has model.mode=fp32"),
+])
+def test_a_checkpoint_of_another_objective_batch_length_template_or_mode_is_refused(recipe, tmp_path, capsys,
+                                                                                     recorded, told):
+    """What fixes the model a run trains (objective, beta, template -> trainable token ids, mode) or the data order
+    it resumes into (batch x accumulation, max_length, packing) is part of the checkpoint's identity."""
+    from transformers import AutoTokenizer
+
+    from training.chat_format import prepare_tokenizer
+    from training.finetune import main
+    from training.trainer.resume import check_matches, find_resume_point, recipe_identity
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    identity = recipe_identity(cfg, tokenizer, prepare_tokenizer(tokenizer))  # the recipe's own, one value changed
+    assert set(recorded) <= set(identity) | {"train.beta"}, sorted(identity)
+    _fake_checkpoint(run_dir / "checkpoint-4", 4, r=8, recipe={**identity, **recorded})
+    assert main(["--config", str(recipe), "--output_dir", str(run_dir), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and told in err and "resume with the recipe it was trained with" in err, err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-4"]  # refused before anything was written
+    # The recipe's own identity passes the check.
+    _fake_checkpoint(tmp_path / "same" / "checkpoint-4", 4, r=8, recipe=identity)
+    point = find_resume_point(load_config(recipe, {"train.output_dir": str(tmp_path / "same"), "train.resume": True}),
+                              lambda _m: None)
+    check_matches(point, cfg, identity)
+
+
+def test_a_dpo_recipe_records_its_beta_and_an_sft_one_does_not(recipe):
+    from training.trainer.resume import recipe_identity
+
+    sft = recipe_identity(load_config(recipe))
+    dpo = recipe_identity(load_config(recipe, {"train.objective": "dpo", "train.beta": 0.2}))
+    assert "train.beta" not in sft and (dpo["train.objective"], dpo["train.beta"]) == ("dpo", 0.2)

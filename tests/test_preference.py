@@ -241,15 +241,62 @@ def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, rec
     assert llm.metadata.get("tokenizer.chat_template")
 
 
-def test_an_interrupted_kto_run_resumes_from_its_checkpoint(records_dir, tiny_model_dir, tmp_path):
-    from training.finetune import run
+def ratings_file(path: Path, n: int) -> Path:
+    """n prompts, each with a liked and a disliked reply (ratings: KTO reads them as they are, DPO pairs them)."""
+    return write_jsonl(path, [{"prompt": f"Tell me about {TOPICS[i % len(TOPICS)]} (#{i}).", "completion": reply,
+                               "label": liked} for i in range(n)
+                              for reply, liked in ((f"Sure: number {i}.", True), ("No. I refuse.", False))])
 
-    def cfg(max_steps: int, resume: bool) -> TrainConfig:
-        return apply_overrides(preference_cfg(records_dir, tiny_model_dir, tmp_path / "out", "kto"), {
-            "train.max_steps": max_steps, "train.save_steps": 4, "train.resume": resume, "export.merge": False,
-            "export.gguf": False})
 
-    assert run(cfg(8, False))["steps"] == 8
-    resumed = run(cfg(12, True))
-    assert resumed["steps"] == 12 and resumed["resumed_from"] == "checkpoint-8"
-    assert not (tmp_path / "out" / "adapter" / "ref").exists()
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_a_preference_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(objective, small_vocab_llama_dir,
+                                                                                  tmp_path, capsys):
+    """A real interruption: SIGTERM at step 3 of 6 saves checkpoint-3 and exits 143; --resume finishes with the
+    adapter of the run that was never stopped (TRL's frozen reference adapter is rebuilt, never saved). A dpo
+    checkpoint is not resumed as sft."""
+    from safetensors.torch import load_file
+
+    from lost_machine_harness import signal_at
+    from training.config import save_config
+    from training.finetune import main, run
+
+    data = ratings_file(tmp_path / "ratings.jsonl", 8)
+
+    def cfg(out: str, **overrides) -> TrainConfig:
+        cfg = TrainConfig()
+        cfg.data.sources = [SourceConfig(path=str(data))]
+        cfg.data.validation_fraction = 0.0
+        return apply_overrides(cfg, {
+            "model.name_or_path": str(small_vocab_llama_dir), "model.mode": "fp32",
+            "model.gradient_checkpointing": False, "lora.r": 4, "lora.alpha": 8, "lora.target_modules": "q_proj,v_proj", "train.output_dir": str(tmp_path / out),
+            "train.max_length": 48, "train.objective": objective, "train.max_steps": 6, "train.save_steps": 100,
+            "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
+            "train.learning_rate": 5e-3, "train.warmup_ratio": 0.0, "train.logging_steps": 1,
+            "train.report_to": "none", "train.optim": "adamw_torch", "export.merge": False, "export.gguf": False,
+            **overrides})
+
+    run(cfg("full"))
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg("split"), callbacks=[signal_at(3)])
+    assert stopped.value.code == 143
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = run(cfg("split", **{"train.resume": True}))
+    assert resumed["steps"] == 6 and resumed["resumed_from"] == "checkpoint-3"
+    assert not (tmp_path / "split" / "adapter" / "ref").exists()
+    full = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    split = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
+    assert full.keys() == split.keys() and full
+    for k in full:
+        torch_close(split[k], full[k], k)
+    if objective == "dpo":
+        recipe = save_config(cfg("split"), tmp_path / "recipe.yaml")
+        capsys.readouterr()
+        assert main(["--config", str(recipe), "--train.objective", "sft", "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "train.objective=dpo but the recipe has train.objective=sft" in err, err
+
+
+def torch_close(a, b, name: str) -> None:
+    import torch
+
+    assert torch.allclose(a, b, atol=1e-6), (name, (a - b).abs().max().item())

@@ -128,7 +128,7 @@ def build_trainer(cfg: TrainConfig, plan, model, tokenizer, train_rows: Sequence
 
     from training.trainer.modeling import as_plan
 
-    plan = as_plan(plan, cfg)
+    plan = as_plan(plan, cfg, model)  # a mode name: decided for this model (does it keep packed rows apart?)
     if plan.packing:
         from training.trainer.packing import pack_rows
 
@@ -206,20 +206,23 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     from training.trainer.preemption import SaveOnPreemption
     from training.trainer.preference import build_preference_trainer, drop_reference_adapter
     from training.trainer.progress import RunForecast
-    from training.trainer.resume import RunRecord, find_resume_point
+    from training.trainer.resume import RunRecord, check_matches, find_resume_point, recipe_identity
 
     started = time.time()
     out = Path(cfg.train.output_dir)
     resume_point = find_resume_point(cfg, log) if cfg.train.resume else None  # local or Hub; checked, nothing written
+
+    # 1. Tokenizer with a chat template and pad != eos (so EOS stays a trained label).
+    tokenizer = load_tokenizer(cfg.model)
+    new_token_ids = prepare_tokenizer(tokenizer, cfg.model.chat_template)
+    identity = recipe_identity(cfg, tokenizer, new_token_ids)  # what --resume must match, kept in every checkpoint
+    if resume_point:
+        check_matches(resume_point, cfg, identity)  # the chat template too, still before anything is written
     out.mkdir(parents=True, exist_ok=True)
     resolve_recipe_paths(cfg)
     save_config(cfg, out / "config.yaml")
     set_seed(cfg.train.seed)
     log(f"output_dir={out}")
-
-    # 1. Tokenizer with a chat template and pad != eos (so EOS stays a trained label).
-    tokenizer = load_tokenizer(cfg.model)
-    new_token_ids = prepare_tokenizer(tokenizer, cfg.model.chat_template)
     # The same process group Trainer will use (gloo on CPU, where a bare PartialState() sees one process).
     state = PartialState(cpu=not torch.cuda.is_available())
     with state.main_process_first():  # under DDP rank 0 writes OUT/base, the others then read it
@@ -258,7 +261,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
 
         callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private,
                                           keep=cfg.train.save_total_limit, log=log))
-    record = RunRecord.for_run(cfg, resume_point)  # recipe + interruptions so far, kept in every checkpoint
+    record = RunRecord.for_run(identity, resume_point)  # recipe + interruptions so far, in every checkpoint
     preemption = SaveOnPreemption(cfg.train.save_minutes, log=log)  # SIGTERM/SIGINT, train.save_minutes
     callbacks += [record, preemption]
     if cfg.train.objective == "sft":

@@ -5,12 +5,19 @@ disconnect, a replacement spot instance), the newest `checkpoints/checkpoint-N` 
 (`hub.push_to_hub`, pushed by `--push-checkpoints`), downloaded into the Hugging Face cache. Trainer then resumes
 from it exactly as from a local one (weights, optimizer, scheduler, RNG, data position).
 
-A checkpoint trained with another base, LoRA rank, alpha or target modules is refused with one line naming the
-difference (ConfigError: exit 2). Each checkpoint carries a small run record in its trainer_state.json (the
-recipe's identity and the interruptions so far), which is how later resumes and summary.json know them.
+A checkpoint is resumed only by the recipe that trained it. Its identity is what fixes the model being trained -
+base, LoRA rank, alpha and target modules, mode (as resolved on the machine: auto is qlora on a GPU, fp32 on CPU),
+objective and DPO/KTO beta, the chat template (which fixes the token ids that are added and trained) - and what
+fixes the data order resumed into: max_length, packing, batch size and gradient accumulation (Trainer skips
+`step x batch x accumulation` rows; other values would resume into other rows). A difference is refused with one
+line naming it (ConfigError: exit 2) before anything is written: the recipe's values before anything loads, the
+chat template right after the tokenizer is prepared. Each checkpoint carries a small run record in its
+trainer_state.json (that identity and the interruptions so far), which is how later resumes and summary.json know
+them. Checkpoints from before a value was recorded are not checked for it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -37,11 +44,29 @@ class ResumePoint:
         return "output_dir" if self.source == LOCAL else f"the Hub repo {self.source}"
 
 
-def recipe_identity(cfg: TrainConfig) -> dict:
-    """What a checkpoint must share with the recipe to be resumed by it."""
-    return {"model.name_or_path": cfg.model.name_or_path, "model.gguf_file": cfg.model.gguf_file,
-            "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
-            "lora.target_modules": sorted(cfg.lora.target_modules)}
+CHAT_TEMPLATE = "chat_template"   # identity keys known only once the tokenizer is prepared
+NEW_TOKENS = "new_token_ids"
+
+
+def recipe_identity(cfg: TrainConfig, tokenizer=None, new_token_ids=None) -> dict:
+    """What a checkpoint must share with the recipe to be resumed by it (see the module docstring). With the
+    prepared tokenizer, also the chat template it renders with (a sha256 prefix) and the token ids it added."""
+    from training.trainer.modeling import resolve_mode
+
+    t = cfg.train
+    identity = {"model.name_or_path": cfg.model.name_or_path, "model.gguf_file": cfg.model.gguf_file,
+                "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
+                "lora.target_modules": sorted(cfg.lora.target_modules),
+                "model.mode": resolve_mode(cfg.model.mode), "train.objective": t.objective}
+    if t.objective != "sft":
+        identity["train.beta"] = t.beta
+    identity.update({"train.max_length": t.max_length, "train.packing": t.packing,
+                     "train.per_device_train_batch_size": t.per_device_train_batch_size,
+                     "train.gradient_accumulation_steps": t.gradient_accumulation_steps})
+    if tokenizer is not None:
+        identity[CHAT_TEMPLATE] = hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:12]
+        identity[NEW_TOKENS] = sorted(new_token_ids or [])
+    return identity
 
 
 def newest_local_checkpoint(out: Path, log: Callable[[str], None] = print) -> tuple[int, Path] | None:
@@ -120,17 +145,26 @@ def find_resume_point(cfg: TrainConfig, log: Callable[[str], None] = print) -> R
     return point
 
 
-def check_matches(point: ResumePoint, cfg: TrainConfig) -> None:
-    """ConfigError naming the first difference between the checkpoint and the recipe."""
+def check_matches(point: ResumePoint, cfg: TrainConfig, identity: dict | None = None) -> None:
+    """ConfigError naming the first difference between the checkpoint and the recipe (`identity`: the recipe's,
+    default recipe_identity(cfg))."""
     name = f"checkpoint-{point.step} in {point.where}"
     hint = "resume with the recipe it was trained with, or use another train.output_dir" + \
         (" and hub.push_to_hub" if cfg.hub.push_to_hub else "")
-    want = recipe_identity(cfg)
+    want = recipe_identity(cfg) if identity is None else identity
     recorded = run_record(point.path).get("recipe") or {}
     for key, value in recorded.items():
-        if key in want and want[key] != value:
-            raise ConfigError(f"{name} was trained with {key}={_show(value)} but the recipe has "
-                              f"{key}={_show(want[key])}; {hint}")
+        if key not in want or want[key] == value:
+            continue
+        if key in (CHAT_TEMPLATE, NEW_TOKENS):
+            what = "chat template" if key == CHAT_TEMPLATE else "set of tokens added by the chat template"
+            raise ConfigError(f"{name} was trained with another {what} than this recipe's model.chat_template="
+                              f"{cfg.model.chat_template} gives ({key} {_show(value)} there, {_show(want[key])} "
+                              f"here; it fixes the trainable token ids); {hint}")
+        ours = _show(want[key])
+        if key == "model.mode" and cfg.model.mode != want[key]:
+            ours = f"{cfg.model.mode} ({want[key]} on this machine)"
+        raise ConfigError(f"{name} was trained with {key}={_show(value)} but the recipe has {key}={ours}; {hint}")
     adapter_file = point.path / "adapter_config.json"
     if not adapter_file.is_file():
         return
@@ -158,10 +192,10 @@ class RunRecord(TrainerCallback, ExportableState):
         self.interruptions = list(interruptions or [])
 
     @classmethod
-    def for_run(cls, cfg: TrainConfig, point: ResumePoint | None) -> "RunRecord":
+    def for_run(cls, identity: dict, point: ResumePoint | None) -> "RunRecord":
         now = [] if point is None else [{"step": point.step, "checkpoint": f"checkpoint-{point.step}",
                                          "from": point.source}]
-        return cls(recipe_identity(cfg), (point.earlier if point else []) + now)
+        return cls(identity, (point.earlier if point else []) + now)
 
     def state(self) -> dict:
         return {"args": {"recipe": self.recipe, "interruptions": self.interruptions}, "attributes": {}}

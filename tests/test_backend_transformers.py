@@ -176,3 +176,34 @@ def test_repeat_penalty_counts_only_recent_generated_tokens(tiny):
     out = penalty(ids, scores.clone())
     assert out[0, 8] == 0.5 and out[0, 5] == 1.0  # a prompt token is not penalised, a generated one once
     assert torch.equal(penalty(ids[:, :3], scores.clone()), scores)  # nothing generated yet: nothing changes
+
+
+def test_the_kept_cache_serves_only_its_own_conversation(tiny_llama_dir):
+    backend = backend_for(CHATBOT_MODEL=str(tiny_llama_dir), CHATBOT_N_CTX="1024")
+    lengths, state = _first_forward_lengths(backend)
+    for key in ("alice", "bob", "bob"):  # the same prompt each time: only bob's second turn may reuse a cache
+        state["new"] = True
+        list(backend.stream(MESSAGES, GenerationParams(max_new_tokens=6, temperature=0, conversation=key)))
+    full = backend.count_tokens(MESSAGES)
+    assert lengths == [full, full, 1]
+
+
+def test_a_reply_on_zerogpu_stops_when_its_reserved_seconds_run_out(tiny_llama_dir):
+    """What runs in ZeroGPU's worker: decoding ends START_S before the reservation does, as a cut reply."""
+    import time
+
+    from chatbot import zerogpu
+
+    backend = backend_for(CHATBOT_MODEL=str(tiny_llama_dir), CHATBOT_N_CTX="2048")
+    original = backend.model.forward
+
+    def slow(*args, **kwargs):  # 10 ms a token: 1500 tokens would take 15 s
+        time.sleep(0.01)
+        return original(*args, **kwargs)
+
+    backend.model.forward = slow
+    chunks = list(backend._reply_on_gpu(MESSAGES, GenerationParams(max_new_tokens=1500, temperature=1.0, top_p=1.0,
+                                                                   min_p=0.0, seed=4), zerogpu.START_S + 1))
+    assert chunks[-1].finish_reason == "length"
+    assert sum(c.tokens for c in chunks) < 1500
+    assert backend.kept is None  # nothing kept for a later call: it may land in another worker

@@ -120,6 +120,78 @@ def test_mixing_by_weight_and_max_rows(tmp_path):
     assert D.mix_counts([10, 0], [1, 5], None) == [10, 0]
 
 
+def long_conversation(i: int, exchanges: int = 12) -> dict:
+    return {"messages": [m for j in range(exchanges) for m in (U(f"Long {i}, question {j}: " + "and then? " * 6),
+                                                                A(f"Part {j} of answer {i}. " + "more " * 20))]}
+
+
+@pytest.fixture
+def token_calls(monkeypatch):
+    """Every conversation the pipeline measures in tokens (the costly step), counted."""
+    from training.data import pipeline
+
+    measured = []
+    real = pipeline.token_lengths
+
+    def counted(tokenizer, conversations, *args, **kwargs):
+        measured.extend(conversations)
+        return real(tokenizer, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "token_lengths", counted)
+    return measured
+
+
+def test_max_rows_tokenises_only_what_the_mix_needs(tmp_path, smollm2_tokenizer_dir, token_calls):
+    """data.max_rows used to be applied after every conversation was tokenised and windowed (minutes on a big
+    ShareGPT file); now only about the rows the mix takes are. The held-out rows stay the same."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    rows = qa_rows(1500) + [long_conversation(i) for i in range(100)]
+    random.Random(0).shuffle(rows)
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+
+    def run(max_rows, seed=42):
+        token_calls.clear()
+        result = prep(path, tokenizer=tok, max_length=256, validation_fraction=0.05, max_rows=max_rows, seed=seed)
+        return result, len(token_calls) - len(result.validation)  # the report measures the held-out rows too
+
+    full, measured_all = run(None)
+    capped, measured = run(60)
+    assert capped.report.train_rows == 60 and measured_all == 1600 - 80 and measured <= 256
+    assert full.report.sources[0].processed is None
+    rep = capped.report.sources[0]
+    assert rep.processed == measured and rep.pool == 1520
+    assert f"filled from {measured} of its 1520 training conversations" in capped.report.summary()
+    assert capped.validation == full.validation  # every variant is still scored on the same held-out rows
+    full_rows = {json.dumps(r) for r in full.train}
+    assert all(json.dumps(r) in full_rows for r in capped.train)  # windows of the same conversations
+    assert run(60)[0].train == capped.train and run(60, seed=7)[0].train != capped.train
+    assert run(10_000)[0].train == full.train  # a cap above the total changes nothing
+
+
+def test_mix_processed_fills_each_share_from_a_seeded_order():
+    """Weights still set the shares under the cap; a source wanted whole (weight 30) is processed to the end."""
+    processed = []
+
+    def process(source, items):
+        processed.extend((source, x) for x in items)
+        return [[x] * (2 if x % 10 == 0 else 1) if x % 7 else [] for x in items]  # windows and drops, like tokens
+
+    parts = [list(range(3000)), list(range(100))]
+    mixed = D.mix_processed(parts, [1.0, 30.0], 600, process, seed=1)
+    sizes = [len(m.rows) for m in mixed]
+    # after `process` the sources hold ~2830 and 95 rows: 30 x 95 ~ 2830, so about half and half
+    assert sum(sizes) == 600 and 270 <= sizes[1] <= 330
+    assert mixed[1].processed == 100 and mixed[0].processed < 600
+    assert all(mixed[1].rows.count(x) >= 2 for x in mixed[1].rows)  # whole copies of a source wanted > once
+    assert sum(1 for s, _ in processed if s == 0) == mixed[0].processed
+    assert all(x % 7 for m in mixed for x in m.rows)
+    again = D.mix_processed(parts, [1.0, 30.0], 600, process, seed=1)
+    assert [m.rows for m in again] == [m.rows for m in mixed]
+    uncapped = D.mix_processed(parts, [1.0, 0.5], None, process, seed=1)
+    assert [m.processed for m in uncapped] == [3000, 100]  # no cap: everything, mixed as before
+
 def test_split_is_seeded_and_independent_of_the_filters(tmp_path):
     rows = qa_rows(60)
     rows += [json.loads(json.dumps(r)) for r in rows[:10]]  # exact duplicates

@@ -7,7 +7,7 @@
     dialogue.py      utterance-per-row corpora -> multi-turn windows
     normalise.py     one source's rows -> conversations, malformed rows counted by reason
     dedup.py         exact and near-duplicate removal
-    mix.py           held-out split and weighted mixing
+    mix.py           held-out split and weighted mixing (the costly steps only on the rows the mix takes)
     windows.py       token lengths; long conversations -> windows that fit max_length
     report.py        data_report.json and data_lengths.png
     pipeline.py      prepare_data, the whole pipeline; cli.py its preview command (python -m training.data)
@@ -18,7 +18,7 @@ from training.data.dedup import exact_dedup_mask, near_dedup_mask, normalised_te
 from training.data.conversation import repair, validate
 from training.data.errors import DROP_REASONS, TRIM_REASONS, DataError, Drop
 from training.data.formats import FORMAT_REGISTRY, FORMATS, ROLE_ALIASES, RowFormat, detect_format
-from training.data.mix import mix_counts, take
+from training.data.mix import MixedSource, mix_counts, mix_processed, take
 from training.data.normalise import normalise_source
 from training.data.pipeline import load_conversations, prepare_data
 from training.data.read import read_rows, read_source, source_name
@@ -27,8 +27,8 @@ from training.data.windows import fit_windows, token_lengths
 
 __all__ = [
     "DROP_REASONS", "FORMATS", "FORMAT_REGISTRY", "ROLE_ALIASES", "TRIM_REASONS", "DataConfig", "DataError",
-    "DataReport", "Drop", "PreparedData", "RowFormat", "SourceConfig", "SourceReport", "data_config_from_dict",
-    "detect_format", "exact_dedup_mask", "fit_windows", "load_conversations", "main", "mix_counts", "near_dedup_mask",
-    "normalise_source", "normalised_text", "prepare_data", "read_rows", "read_source", "repair", "source_name", "take",
-    "token_lengths", "validate",
+    "DataReport", "Drop", "MixedSource", "PreparedData", "RowFormat", "SourceConfig", "SourceReport",
+    "data_config_from_dict", "detect_format", "exact_dedup_mask", "fit_windows", "load_conversations", "main",
+    "mix_counts", "mix_processed", "near_dedup_mask", "normalise_source", "normalised_text", "prepare_data",
+    "read_rows", "read_source", "repair", "source_name", "take", "token_lengths", "validate",
 ]

@@ -1,7 +1,7 @@
 """prepare_data: read -> normalise and repair (malformed rows skipped, counted by reason) -> hold out validation
 rows (per source, seeded; or a fixed file) -> min_score -> exact dedup -> near dedup -> drop train rows identical
-to a validation row -> long conversations into windows that fit max_length -> token-length filter -> mix sources
-by weight -> max_rows -> report.
+to a validation row -> mix sources by weight up to max_rows, the costly steps (token lengths, long conversations
+into windows that fit max_length, token-length filter) run only on the rows the mix needs -> report.
 
 The validation rows are taken *before* the filters on purpose: every DataConfig variant over the same sources
 (raw / dedup / filtered / mixed) is then scored on the very same held-out rows, so their eval losses compare.
@@ -17,7 +17,7 @@ from training.data.config import DataConfig, SourceConfig
 from training.data.dedup import digest, exact_dedup_mask, near_dedup_mask, normalised_text
 from training.data.errors import DROP_REASONS, TRIM_REASONS, DataError
 from training.data.formats import FORMATS
-from training.data.mix import mix_counts, split_validation, take
+from training.data.mix import mix_processed, split_validation
 from training.data.normalise import normalise_source
 from training.data.read import read_source, source_name
 from training.data.report import DataReport, PreparedData, SourceReport
@@ -136,24 +136,31 @@ def prepare_data(cfg: DataConfig, tokenizer=None, log: Callable[[str], Any] | No
     if validation:  # never train on a held-out row, whatever the dedup options say
         seen = {digest(normalised_text(v["messages"])) for v in validation}
         apply(lambda ex: [digest(normalised_text(e["messages"])) not in seen for e in ex], "in_validation")
-    if tokenizer is not None:
-        for part in train_parts:
-            for e, n in zip(part, token_lengths(tokenizer, [e["messages"] for e in part])):
-                e["length"] = n
-        if max_length is not None:
-            for s, (part, srep) in enumerate(zip(train_parts, report.sources)):
-                train_parts[s] = window_long(part, srep, tokenizer, max_length)
-        if cfg.min_tokens is not None:
-            apply(lambda ex: [e["length"] >= cfg.min_tokens for e in ex], "too_short")
-        if cfg.max_tokens is not None:
-            apply(lambda ex: [e["length"] <= cfg.max_tokens for e in ex], "too_long")
 
-    counts = mix_counts([len(p) for p in train_parts], [s.weight for s in cfg.sources], cfg.max_rows)
+    def tokenised(s: int, examples: list[dict]) -> list[list[dict]]:
+        """Per example, the training rows it becomes: token length, windows of max_length, token filters."""
+        if tokenizer is None:
+            return [[e] for e in examples]
+        for e, n in zip(examples, token_lengths(tokenizer, [e["messages"] for e in examples])):
+            e["length"] = n
+        per_example = [window_long([e], report.sources[s], tokenizer, max_length) if max_length is not None else [e]
+                       for e in examples]
+        for reason, fits in (("too_short", lambda n: cfg.min_tokens is None or n >= cfg.min_tokens),
+                             ("too_long", lambda n: cfg.max_tokens is None or n <= cfg.max_tokens)):
+            kept = [[r for r in rows if fits(r["length"])] for rows in per_example]
+            drops[s][reason] += sum(map(len, per_example)) - sum(map(len, kept))
+            per_example = kept
+        return per_example
+
+    # The costly steps run only on what the mix needs: with max_rows below the total, each source is tokenised in a
+    # seeded order until its share is filled (training.data.mix.mix_processed).
+    mixed = mix_processed(train_parts, [s.weight for s in cfg.sources], cfg.max_rows, tokenised, cfg.seed)
     train: list[dict] = []
-    for i, (part, count, srep, counter) in enumerate(zip(train_parts, counts, report.sources, drops)):
-        srep.kept, srep.train = len(part), count
+    for part, mix, srep, counter in zip(train_parts, mixed, report.sources, drops):
+        srep.pool, srep.kept, srep.train = len(part), mix.kept, len(mix.rows)
+        srep.processed = mix.processed if mix.processed < len(part) else None
         srep.dropped = {k: counter[k] for k in DROP_REASONS if counter[k]}
-        train.extend(take(part, count, random.Random(f"{cfg.seed}/mix/{i}")))
+        train.extend(mix.rows)
     random.Random(f"{cfg.seed}/shuffle").shuffle(train)
 
     if not train:

@@ -22,6 +22,9 @@ class SourceReport:
     windowed: int = 0          # training conversations longer than max_length, split into windows
     windows_from_long: int = 0  # the training examples those became
     cut_at_max_length: int = 0  # examples still over max_length (one exchange alone is longer): cut when tokenised
+    pool: int = 0              # training conversations left after the row filters (score, dedup, held-out copies)
+    processed: int | None = None  # max_rows filled the share early: of the pool, the conversations tokenised,
+    #                               windowed and length-filtered (the counts of those steps cover these); None: all
     kept: int = 0              # training examples left after the filters
     train: int = 0             # training examples after mixing / max_rows
     salvaged: int | None = None  # records kept from a cut-off JSON file (data.salvage_truncated), else None
@@ -97,6 +100,9 @@ class DataReport:
                 if s.kept_fraction is not None else ""
             lines.append(f"  {s.name} [{s.format}]: {s.rows} rows read, {s.valid} valid{share}, {s.validation} held "
                          f"out, {s.kept} kept after filters, {s.train} in the training mix")
+            if s.processed is not None:
+                lines.append(f"    max_rows: its share was filled from {s.processed} of its {s.pool} training "
+                             "conversations, taken in a seeded order; the rest were not tokenised")
             if s.salvaged is not None:
                 lines.append(f"    salvaged {s.salvaged} complete records from a cut-off file")
             if s.trimmed_by:

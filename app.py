@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from chatbot.settings import ConfigError, load_settings
 
@@ -23,6 +24,14 @@ def server_address(env=os.environ) -> tuple[str, int]:
     return name, int(raw)
 
 
+def stop_feedback(log) -> bool:
+    """The last push of pending feedback records, waiting at most feedback.EXIT_PUSH_SECONDS; False if unfinished."""
+    pushed = log.close()
+    print(f"Feedback records are in {log.folder}" + (f", pushed to {log.dataset}" if log.dataset and pushed else ""),
+          file=sys.stderr)
+    return pushed
+
+
 def main() -> int:
     try:
         settings = load_settings()
@@ -33,8 +42,10 @@ def main() -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    from chatbot import feedback
+    from chatbot import feedback, log_privacy
     from chatbot.ui import build_app
+
+    log_privacy.install()  # Gradio's error tracebacks would quote what visitors sent
 
     print(f"Serving {backend.model_name} with {backend.name} (context {backend.n_ctx}, "
           f"{settings.threads} threads) on http://{host}:{port}", file=sys.stderr)
@@ -44,19 +55,22 @@ def main() -> int:
     except ConfigError as exc:  # e.g. a CHATBOT_FEEDBACK_DATASET the token cannot create or write
         print(str(exc), file=sys.stderr)
         return 2
-    # SIGTERM as SIGINT: Gradio's launch() returns on KeyboardInterrupt after closing the server (the default
-    # SIGTERM would end the process at once, skipping the push below).
+    # SIGTERM (a Space restart) as SIGINT: both end the wait below, so the feedback push runs before the exit.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        demo.launch(server_name=host, server_port=port)
+        demo.launch(server_name=host, server_port=port, prevent_thread_lock=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("Stopping: closing the server" + (", pushing feedback" if log is not None and log.dataset else ""),
+              file=sys.stderr)
     finally:
         if log is not None:
-            pushed = log.close()
-            print(f"Feedback records are in {log.folder}" + (f", pushed to {log.dataset}" if log.dataset and pushed
-                                                              else ""), file=sys.stderr)
-            if not pushed:  # the push still running would hold the exit; the records stay in the folder
-                sys.stderr.flush()
-                os._exit(0)
+            log.push_soon()  # pushing while the server closes
+        demo.close(verbose=False)
+        if log is not None and not stop_feedback(log):
+            sys.stderr.flush()
+            os._exit(0)  # the unfinished push would hold the exit; the records stay in the folder
     return 0
 
 

@@ -83,6 +83,11 @@ class FeedbackLog:
         """Commit what is there now (tests, shutdown); None when not pushing."""
         return self.scheduler.trigger().result() if self.scheduler else None
 
+    def push_soon(self) -> None:
+        """Start a push without waiting for it (close() waits for the last one)."""
+        if self.scheduler is not None:
+            self.scheduler.trigger()
+
     def close(self, timeout: float = EXIT_PUSH_SECONDS) -> bool:
         """Push what is pending, waiting at most `timeout` seconds, and stop the scheduler (so its exit hook does
         not push again, unbounded). True when everything was pushed, or there is nothing to push to."""

@@ -112,6 +112,22 @@ def stream_reply(backend: Backend, messages: list[dict], params: GenerationParam
         producer.join()
 
 
+def lenient(slider: gr.Slider) -> gr.Slider:
+    """A Settings slider that hands the chat function what an API caller sent even when it is not a number in
+    range: respond() clamps it or answers with a notice naming the setting, where Gradio's own refusal would be a
+    bare error. (Overridden on the instance: a subclass of a Gradio component writes a .pyi file beside this one.)"""
+    strict = slider.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return strict(payload)
+        except Exception:
+            return payload
+
+    slider.preprocess = preprocess
+    return slider
+
+
 def conversation_key(session: str | None, conversation: list[dict]) -> str:
     """The backend's cache key (GenerationParams.conversation) of one conversation of one browser session: keyed by
     the session and the conversation's first message, hashed with a per-process secret so it names neither. A call
@@ -145,7 +161,8 @@ def read_number(label: str, value: Any, default: float, lo: float, hi: float) ->
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number):
-        return notice(f"{label}={value!r} is not valid; accepted: a number from {lo:g} to {hi:g}.")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return notice(f"{label}={shown} is not valid; accepted: a number from {lo:g} to {hi:g}.")
     return min(max(number, lo), hi)
 
 
@@ -234,14 +251,16 @@ def build_app(settings: Settings, backend: Backend, log: feedback.FeedbackLog | 
             # inside ChatInterface's folded accordion.
             additional_inputs=[
                 gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False),
-                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature", render=False),
-                gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p", render=False),
-                gr.Slider(1, slider_max, value=settings.max_new_tokens, step=1, label="Max new tokens",
-                          render=False),
-                gr.Slider(1.0, 2.0, value=settings.repeat_penalty, step=0.05, label="Repetition penalty",
-                          info="1 = off; higher stops small models from repeating themselves", render=False),
-                gr.Slider(0.0, 1.0, value=settings.min_p, step=0.01, label="Min-p",
-                          info="drop tokens less likely than this × the likeliest one; 0 = off", render=False),
+                *map(lenient, [
+                    gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature", render=False),
+                    gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p", render=False),
+                    gr.Slider(1, slider_max, value=settings.max_new_tokens, step=1, label="Max new tokens",
+                              render=False),
+                    gr.Slider(1.0, 2.0, value=settings.repeat_penalty, step=0.05, label="Repetition penalty",
+                              info="1 = off; higher stops small models from repeating themselves", render=False),
+                    gr.Slider(0.0, 1.0, value=settings.min_p, step=0.01, label="Min-p",
+                              info="drop tokens less likely than this × the likeliest one; 0 = off", render=False),
+                ]),
             ],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[stats],

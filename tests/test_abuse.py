@@ -1,0 +1,276 @@
+"""The public Space as a stranger sees it: `python app.py` on 127.0.0.1, called over real HTTP (raw posts to
+/gradio_api/..., gradio_client) with what a browser would never send. Floods are bounded in count and time.
+
+Feedback is written only for replies the server streamed in that session, within limits; no caller skips the queue;
+non-finite settings get a notice; the server log does not quote what visitors sent; SIGTERM pushes pending feedback.
+With the embedded SmolLM2 (the model's own behaviour): a retry is a fresh sample with the prompt cache on, an
+oversized system prompt is refused before the model, an oversized history is cut before it is tokenised."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live_app import LiveApp, live_app
+
+MIB = 2**20
+
+
+def text_message(role: str, text: str) -> dict:
+    """A chat message as the browser sends the Chatbot's value."""
+    return {"role": role, "content": [{"type": "text", "text": text}], "metadata": None, "options": None}
+
+
+def dependency(app: LiveApp, api_name: str) -> tuple[dict, dict]:
+    """An event as the page's public config describes it (what the browser reads too), and the page's values of
+    its inputs."""
+    config = httpx.get(f"{app.url}config", timeout=30).json()
+    event = next(d for d in config["dependencies"] if d.get("api_name") == api_name)
+    values = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
+    return event, values
+
+
+def fn_index(app: LiveApp, api_name: str) -> int:
+    return dependency(app, api_name)[0]["id"]
+
+
+def post_run(app: LiveApp, api_name: str, data: list, event_data: dict | None = None,
+             session: str | None = None) -> httpx.Response:
+    """POST /gradio_api/run/predict: how the page calls an event that skips the queue (feedback's). Inputs the
+    caller leaves out are sent with the page's values, as the browser would."""
+    event, values = dependency(app, api_name)
+    data = data + [values.get(i) for i in event["inputs"][len(data):]]
+    return httpx.post(f"{app.url}gradio_api/run/predict", timeout=60,
+                      json={"data": data, "event_data": event_data, "fn_index": event["id"],
+                            "session_hash": session or uuid.uuid4().hex})
+
+
+def join_queue(app: LiveApp, api_name: str, data: list, session: str | None = None) -> list[tuple[float, dict]]:
+    """Join the queue with a raw JSON body (NaN and all, as Python's json writes it) and read the event's stream to
+    the end: (seconds since joining, message) pairs."""
+    session, start = session or uuid.uuid4().hex, time.perf_counter()
+    body = json.dumps({"data": data, "fn_index": fn_index(app, api_name), "session_hash": session,
+                       "event_data": None, "trigger_id": None})
+    joined = httpx.post(f"{app.url}gradio_api/queue/join", content=body, timeout=60,
+                        headers={"content-type": "application/json"})
+    assert joined.status_code == 200, joined.text
+    messages = []
+    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session},
+                      timeout=300) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                messages.append((time.perf_counter() - start, message))
+                if message.get("msg") in ("process_completed", "close_stream"):
+                    break
+    return messages
+
+
+def final_output(messages: list[tuple[float, dict]]) -> list:
+    return next(m["output"]["data"] for _, m in reversed(messages) if m.get("msg") == "process_completed")
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def client(app: LiveApp):
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False)
+
+
+# --- the mock backend: the app's own rules ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["local", "spaces"])
+def mock_app(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"feedback-{request.param}")
+    env = {"CHATBOT_BACKEND": "mock", "CHATBOT_MOCK_DELAY": "0.02", "CHATBOT_FEEDBACK_DIR": str(folder)}
+    if request.param == "spaces":  # what Hugging Face sets: Gradio then believes it runs on a Space
+        env.update(SYSTEM="spaces", SPACE_ID="someone/chat")
+    log = tmp_path_factory.mktemp("logs") / f"app-{request.param}.log"
+    with live_app(env, log) as app:
+        app.folder = folder
+        yield app
+
+
+def test_feedback_for_a_reply_never_streamed_is_refused_and_never_written(mock_app):
+    """Issue item 1: a POST wrote an `up` record for "2+2=5" with no chat at all; 10 MiB records were accepted."""
+    forged = [text_message("user", "What is 2+2?"), text_message("assistant", "2+2=5")]
+    like = {"index": 1, "value": ["2+2=5"], "liked": True}
+    before = records(mock_app.folder)
+    assert post_run(mock_app, "on_like", [forged], like).status_code == 200
+    retried = post_run(mock_app, "on_retry", [forged], {"index": 0, "value": "What is 2+2?"})
+    assert records(mock_app.folder) == before
+    assert retried.status_code == 200 and "not saved" in retried.json()["data"][0]
+    huge = [text_message("user", "x" * (10 * MIB)), text_message("assistant", "y")]
+    for _ in range(3):  # the issue sent 10 of them: 105 MB on disk in 2.3 s
+        post_run(mock_app, "on_like", [huge], {"index": 1, "value": ["y"], "liked": False})
+        post_run(mock_app, "on_retry", [huge], {"index": 0, "value": "x"})
+    assert records(mock_app.folder) == before
+    assert "events refused so far" in mock_app.output()  # counted, in the log, without their text
+    assert "2+2=5" not in mock_app.output()
+
+
+def test_a_genuine_rating_is_written_once_and_only_its_session_can_take_it_back(mock_app):
+    c = client(mock_app)
+    reply, _ = c.predict("What is 2+2?", "Answer in one line.", 0.4, 0.9, 40, api_name="/chat")
+    history = [text_message("user", "What is 2+2?"), text_message("assistant", reply)]
+    before = len(records(mock_app.folder))
+    post_run(mock_app, "on_like", [history], {"index": 1, "value": [reply], "liked": True}, c.session_hash)
+    post_run(mock_app, "on_like", [history], {"index": 1, "value": [reply], "liked": None})  # another session
+    written = records(mock_app.folder)[before:]
+    assert [(r["rating"], r["reply"]) for r in written] == [("up", reply)]
+    assert written[0]["messages"][0] == {"role": "system", "content": "Answer in one line."}
+    assert written[0]["sampling"]["temperature"] == 0.4 and isinstance(written[0]["sampling"]["seed"], int)
+
+
+def test_no_caller_skips_the_queue(mock_app):
+    """Issue item 4: 50 concurrent POST /gradio_api/run/chat were all accepted, past max_size and
+    concurrency_limit."""
+    def direct(i: int) -> int:
+        return httpx.post(f"{mock_app.url}gradio_api/run/chat", timeout=120,
+                          json={"data": [f"flood {i}", None, "s", 0.2, 0.9, 8, 1.2, 0.05]}).status_code
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        codes = list(pool.map(direct, range(50)))
+    assert codes.count(200) == 0 and set(codes) == {404}
+    reply, _ = client(mock_app).predict("Still there?", api_name="/chat")  # the queue serves as before
+    assert "You said: Still there?" in reply
+
+
+@pytest.mark.parametrize("position, label", [(3, "Temperature"), (4, "Top-p"), (5, "Max new tokens"),
+                                             (6, "Repetition penalty"), (7, "Min-p")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_settings_get_a_notice_naming_the_setting(mock_app, position, label, value):
+    """Issue item 5: min(max(nan, 0), 2) is nan; llama.cpp ran with it, NaN max tokens gave a bare "Error"."""
+    data = ["Hello", None, "Be brief.", 0.2, 0.9, 32, 1.2, 0.05]
+    data[position] = value
+    reply, *_ = final_output(join_queue(mock_app, "chat", data))
+    assert reply.startswith("⚠️") and f"{label}={value!r} is not valid; accepted: a number from" in reply
+
+
+def test_the_server_log_does_not_quote_what_visitors_send(mock_app):
+    canary = f"private-{uuid.uuid4().hex}"
+    join_queue(mock_app, "chat", [canary, None, canary, canary, 0.9, 32, 1.2, 0.05])  # text in a slider
+    malformed = [{"role": "user", "content": canary}, {"role": "assistant", "content": 5}]
+    post_run(mock_app, "on_like", [malformed], {"index": 1, "value": [canary], "liked": True})
+    post_run(mock_app, "lambda", [malformed])  # the chat's own state sync: Gradio's validation error
+    time.sleep(0.5)
+    output = mock_app.output()
+    assert "Traceback" in output  # Gradio did report the bad requests...
+    assert canary not in output   # ...without what was in them
+
+
+def test_sigterm_pushes_pending_feedback_within_a_bounded_wait(tmp_path):
+    """Issue item 6: SIGTERM skipped CommitScheduler's last push; a dataset without a folder shared one temp folder
+    between processes."""
+    remote = tmp_path / "hub"
+    env = {"CHATBOT_BACKEND": "mock", "CHATBOT_MOCK_DELAY": "0", "CHATBOT_FEEDBACK_DATASET": "me/feedback",
+           "HF_HUB_OFFLINE": "0"}  # no CHATBOT_FEEDBACK_DIR: a folder of the process's own
+    with live_app(env, tmp_path / "app.log", ["tests/app_with_local_hub.py", str(remote)]) as app:
+        c = client(app)
+        reply, _ = c.predict("Remember me", api_name="/chat")
+        history = [text_message("user", "Remember me"), text_message("assistant", reply)]
+        post_run(app, "on_like", [history], {"index": 1, "value": [reply], "liked": True}, c.session_hash)
+        started = time.monotonic()
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.proc.wait(timeout=60) == 0
+        print(f"SIGTERM to exit: {time.monotonic() - started:.1f} s")
+    pushed = [json.loads(line) for f in (remote / "me/feedback" / "data").glob("*.jsonl")
+              for line in f.read_text().splitlines()]
+    assert [(r["rating"], r["reply"]) for r in pushed] == [("up", reply)]
+    folder = next(line for line in app.output().splitlines() if line.startswith("Feedback records are in "))
+    assert f"chatbot-feedback-{app.proc.pid}-" in folder and "pushed to me/feedback" in folder
+
+
+# --- the embedded SmolLM2: behaviour that is the model's -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_app(tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "app-smollm2.log"
+    with live_app({"CHATBOT_THREADS": "1"}, log) as app:  # the default: llama_cpp, prompt cache on (1024 MB)
+        yield app
+
+
+class Tab:
+    """One browser tab, driven over HTTP through the page's own events: send a message, press Retry."""
+
+    def __init__(self, app: LiveApp):
+        self.app, self.client = app, client(app)
+        self.history: list[dict] = []
+
+    def send(self, message: str, temperature: float = 1.0, max_new_tokens: int = 24, system: str = "") -> str:
+        reply, _ = self.client.predict(message, system, temperature, 0.95, max_new_tokens, 1.1, 0.0,
+                                       api_name="/chat")
+        self.history += [text_message("user", message), text_message("assistant", reply)]
+        return reply
+
+    def retry(self, temperature: float = 1.0, max_new_tokens: int = 24, system: str = "") -> str:
+        """What the Retry button runs: the chat's state set from the page, its last turn popped, the reply again."""
+        self.client.predict(self.history, fn_index=fn_index(self.app, "lambda"))
+        self.client.predict(fn_index=fn_index(self.app, "_pop_last_user_message"))
+        history, _ = self.client.predict(system, temperature, 0.95, max_new_tokens, 1.1, 0.0,
+                                         fn_index=fn_index(self.app, "_submit_fn_2"))
+        reply = history[-1]["content"][0]["text"]
+        self.history[-1] = text_message("assistant", reply)
+        return reply
+
+
+def test_retry_gives_a_fresh_sample_with_the_prompt_cache_on(model_app):
+    """Issue item 2: with the cache on, load_state restored the cached seed: 4 retries at temperature 1.0 after
+    another visitor's turn gave 1 distinct reply; two visitors with the same first message got the same reply."""
+    tab, other = Tab(model_app), Tab(model_app)
+    first = tab.send("Write one sentence about the sea.")
+    retries = []
+    for i in range(4):
+        other.send(f"Name a colour, number {i}.", max_new_tokens=8)  # another visitor in between
+        retries.append(tab.retry())
+    print("retries:", retries)
+    assert len({first, *retries}) >= 3
+    strangers = {Tab(model_app).send("Write one sentence about the sea.") for _ in range(3)}
+    assert len(strangers | {first}) >= 3
+
+
+def test_an_oversized_system_prompt_is_refused_before_the_model(model_app):
+    """Issue item 3: "hi" with an 8 MB system prompt took 14 s to be refused ("Your message is too long") and held
+    the model lock: another visitor who asked 0.5 s later waited 13.7 s for a first token."""
+    timings = {}
+
+    def stranger():
+        started = time.perf_counter()
+        reply, _ = client(model_app).predict("hi", "x" * (8 * MIB), api_name="/chat")
+        timings["refused after"] = time.perf_counter() - started
+        timings["reply"] = reply
+
+    attack = threading.Thread(target=stranger)
+    attack.start()
+    time.sleep(0.5)
+    messages = join_queue(model_app, "chat", ["What is the capital of France?", None, "", 0.2, 0.9, 16, 1.2, 0.05])
+    first_text = next(t for t, m in messages if m.get("msg") == "process_generating" and m["output"]["data"][0])
+    attack.join()
+    print(f"8 MB system prompt refused after {timings['refused after']:.2f} s; the other visitor's first "
+          f"token after {first_text:.2f} s")
+    assert "The system prompt is 8388608 characters long; the limit is 8000 (CHATBOT_MAX_SYSTEM_CHARS)" \
+        in timings["reply"]
+
+
+def test_an_oversized_history_is_cut_before_it_is_tokenised(model_app):
+    """The history a caller sets is bounded too: the oldest turns beyond CHATBOT_MAX_HISTORY_CHARS are left out
+    without tokenising them (the stats line says so) and the newest message is answered."""
+    tab = Tab(model_app)
+    tab.history = [text_message("user", "w " * (4 * MIB)), text_message("assistant", "ok"),
+                   text_message("user", "Say hello."), text_message("assistant", "Hello!")]
+    tab.client.predict(tab.history, fn_index=fn_index(model_app, "lambda"))  # the chat's state, as the page sets it
+    started = time.perf_counter()
+    reply, stats = tab.client.predict("Thanks!", "", 0.2, 0.9, 8, api_name="/chat")
+    print(f"8 MB history answered after {time.perf_counter() - started:.2f} s: {stats}")
+    assert reply.strip() and not reply.startswith("⚠️")
+    assert "2 oldest messages over CHATBOT_MAX_HISTORY_CHARS left out" in stats

@@ -193,10 +193,12 @@ def test_sigterm_pushes_pending_feedback_within_a_bounded_wait(tmp_path):
 
 # --- the embedded SmolLM2: behaviour that is the model's -------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model_app(tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "app-smollm2.log"
-    with live_app({"CHATBOT_THREADS": "1"}, log) as app:  # the default: llama_cpp, prompt cache on (1024 MB)
+@pytest.fixture(scope="module", params=["default", "serial"])
+def model_app(request, tmp_path_factory):
+    """The default app (llama_cpp, prompt cache on, CHATBOT_PARALLEL's batching), and the serial backend."""
+    log = tmp_path_factory.mktemp("logs") / f"app-smollm2-{request.param}.log"
+    env = {"CHATBOT_THREADS": "1", **({"CHATBOT_PARALLEL": "1"} if request.param == "serial" else {})}
+    with live_app(env, log) as app:
         yield app
 
 

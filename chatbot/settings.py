@@ -15,6 +15,7 @@ BACKEND_NAMES = ("llama_cpp", "transformers", "mock", "openai")
 DEVICE_NAMES = ("auto", "cpu", "cuda")  # CHATBOT_DEVICE (transformers only; chatbot/device.py)
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+MAX_PARALLEL = 64  # CHATBOT_PARALLEL's bound: each sequence holds CHATBOT_N_CTX tokens of KV
 DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:8080/v1"  # llama.cpp's llama-server default
 
 T = TypeVar("T")
@@ -62,6 +63,8 @@ class Settings:
     mock_reply: str | None = None
     llama_repack: bool = False           # llama.cpp extra buffer types (AMX / repacked weights)
     cache_mb: int = 1024                 # llama_cpp: RAM for per-conversation prompt caches; 0 = off
+    parallel: int = 4                    # llama_cpp: conversations decoded together in one batch (each with its
+    #                                      own CHATBOT_N_CTX of KV); 1 = one at a time, the serial path
     feedback_dir: str | None = None      # visitor ratings -> DIR/*.jsonl (chatbot.feedback); None = off
     feedback_dataset: str | None = None  # also push feedback_dir to this private Hub dataset
     feedback_max_mb: int = 200           # recording stops once this process's records reach it (nothing is lost)
@@ -139,6 +142,17 @@ def _feedback(env: Mapping[str, str]) -> dict:
             "feedback_max_mb": _number(env, "CHATBOT_FEEDBACK_MAX_MB", int, 200, lo=1)}
 
 
+def _parallel(env: Mapping[str, str], backend: str) -> int:
+    """CHATBOT_PARALLEL: how many conversations the llama_cpp backend decodes at once (default: Settings.parallel,
+    chosen by benchmarks/bench_visitors.py); other backends serve one at a time or scale elsewhere."""
+    default = Settings.parallel if backend == "llama_cpp" else 1
+    value = _number(env, "CHATBOT_PARALLEL", int, default, lo=1, hi=MAX_PARALLEL)
+    if value > 1 and backend != "llama_cpp":
+        raise _bad("CHATBOT_PARALLEL", env["CHATBOT_PARALLEL"], "1 (or unset) with CHATBOT_BACKEND=" + backend
+                   + "; batched decoding is the llama_cpp backend's")
+    return value
+
+
 def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
     backend = (_get(env, "CHATBOT_BACKEND") or "llama_cpp").lower().replace("-", "_")
     if backend not in BACKEND_NAMES:
@@ -197,5 +211,6 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         mock_reply=_get(env, "CHATBOT_MOCK_REPLY"),
         llama_repack=_flag(env, "CHATBOT_LLAMA_REPACK", False),
         cache_mb=_number(env, "CHATBOT_CACHE_MB", int, 1024, lo=0),
+        parallel=_parallel(env, backend),
         **_feedback(env),
     )

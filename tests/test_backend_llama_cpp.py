@@ -13,6 +13,7 @@ GREETING = [{"role": "user", "content": "Hello! How are you?"}]
 # One thread: llama.cpp's threads spin at barriers, so on a shared, oversubscribed CI machine two threads
 # can be 20× slower than one (measured here: 0.5 vs 13 tokens/s under load).
 THREADS = {"CHATBOT_THREADS": "1"}
+SERIAL = {"CHATBOT_PARALLEL": "1"}  # this file tests the serial backend (test_backend_llama_cpp_batched.py the other)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def smol():
     # Prompt cache off: these tests compare a prompt's greedy reply with the same prompt asked again, and a cached
     # state of that very prompt makes llama.cpp re-evaluate its last token alone instead of in the prompt's batch,
     # which may change a near-tie (test_backend_llama_cpp_cache.py covers the cache).
-    return load_backend(load_settings({"CHATBOT_N_CTX": "2048", "CHATBOT_CACHE_MB": "0", **THREADS}))
+    return load_backend(load_settings({"CHATBOT_N_CTX": "2048", "CHATBOT_CACHE_MB": "0", **THREADS, **SERIAL}))
 
 
 def test_embedded_model_answers_a_greeting_and_stops_by_itself(smol, smollm2_gguf):
@@ -84,7 +85,7 @@ def test_parallel_callers_are_serialised_and_get_their_own_answers(smol):
 
 
 def test_n_ctx_zero_means_the_trained_length(smollm2_gguf):
-    backend = load_backend(load_settings({"CHATBOT_N_CTX": "0", **THREADS}))
+    backend = load_backend(load_settings({"CHATBOT_N_CTX": "0", **THREADS, **SERIAL}))
     assert backend.n_ctx == int(backend.llm.metadata["llama.context_length"]) > 2048
 
 

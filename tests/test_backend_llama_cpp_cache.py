@@ -19,7 +19,8 @@ CONVERSATIONS = {
 
 def backend(cache_mb: int, n_ctx: int = 2048):
     return load_backend(load_settings({"CHATBOT_THREADS": "1", "CHATBOT_N_CTX": str(n_ctx),
-                                       "CHATBOT_MAX_NEW_TOKENS": "64", "CHATBOT_CACHE_MB": str(cache_mb)}))
+                                       "CHATBOT_MAX_NEW_TOKENS": "64", "CHATBOT_CACHE_MB": str(cache_mb),
+                                       "CHATBOT_PARALLEL": "1"}))  # the serial backend's cache
 
 
 def reply(b, messages: list[dict], params: GenerationParams = GREEDY) -> str:

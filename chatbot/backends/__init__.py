@@ -8,6 +8,9 @@ from chatbot.settings import ConfigError, Settings
 
 
 def _llama_cpp(settings: Settings) -> Backend:
+    if settings.parallel > 1:  # CHATBOT_PARALLEL conversations in one batch; 1 keeps the serial backend
+        from chatbot.backends.llama_cpp_batched import BatchedLlamaCppBackend
+        return BatchedLlamaCppBackend(settings)
     from chatbot.backends.llama_cpp import LlamaCppBackend
     return LlamaCppBackend(settings)
 

@@ -1,5 +1,6 @@
 """Feedback in the browser: with CHATBOT_FEEDBACK_DIR set the page says conversations are saved, and clicking thumbs
-up / down and Retry on real replies writes the records training reads, with the right conversation."""
+up / down and Retry on real replies writes the records training reads, with the right conversation and the system
+prompt and settings each reply was generated with (not the page's when the thumb is clicked)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,8 @@ def test_thumbs_and_retry_in_the_browser_land_in_the_jsonl(browser, serve_app, p
         send(page, "First question")
         wait_idle(page)
         first = bot_texts(page)[-1].strip()
+        page.locator("button.label-wrap", has_text="Settings").click()
+        page.get_by_label("System prompt", exact=True).fill("Answer like a pirate.")  # the next replies' prompt, not the first's
         send(page, "Second question")
         wait_idle(page)
         second = bot_texts(page)[-1].strip()
@@ -40,11 +43,15 @@ def test_thumbs_and_retry_in_the_browser_land_in_the_jsonl(browser, serve_app, p
 
     up, down, retried, kept = records(tmp_path)
     system = {"role": "system", "content": "You are a helpful assistant."}
+    pirate = {"role": "system", "content": "Answer like a pirate."}
     assert (up["rating"], up["reply"]) == ("up", first)
     assert up["messages"] == [system, {"role": "user", "content": "First question"}]
     assert (down["rating"], down["reply"]) == ("down", second)
-    assert down["messages"] == [system, {"role": "user", "content": "First question"},
+    assert down["messages"] == [pirate, {"role": "user", "content": "First question"},
                                 {"role": "assistant", "content": first}, {"role": "user", "content": "Second question"}]
+    seeds = [r["sampling"]["seed"] for r in (up, down, retried, kept)]
+    assert all(isinstance(s, int) for s in seeds) and seeds[2] != seeds[3]  # the retry sampled afresh
+    assert page.locator("#feedback-status").inner_text().strip() == ""  # nothing refused
     assert (retried["rating"], retried["reply"]) == ("retried", second)
     assert kept["rating"] == "kept" and kept["messages"] == down["messages"]
     assert len({r["conversation_id"] for r in (up, down, retried, kept)}) == 1

@@ -182,3 +182,40 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     bad.write_text("not json\n")
     assert main(["--model", "a=embedded", "--data", str(bad), "--no-generation", "--out", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_finetune_eval_loss_and_evaluate_heldout_loss_agree(tmp_path, small_vocab_llama_dir):
+    """One figure for one model on one recipe's held-out rows: finetune's eval loss (summary.json) and evaluate.py's
+    held-out loss of the merged model, with rows of 1-3 turns cut at the recipe's train.max_length (28 tokens) and
+    evaluated two at a time: both cut at the recipe's length and pool the NLL over all rows' tokens (Trainer's own
+    eval loss averages per-batch means, which differ here: the rows have 7 to 10 labelled tokens)."""
+    from training.config import TrainConfig, apply_overrides
+    from training.data import SourceConfig
+    from training.finetune import run
+
+    def rows(n: int, offset: int) -> list[dict]:  # replies of 7 or 10 tokens, 1 to 3 turns
+        turn = lambda i: [{"role": "user", "content": f"Tell me about {TOPICS[i % 8]} (#{i})."},  # noqa: E731
+                          {"role": "assistant", "content": f"{TOPICS[i % 8]} are nice." + " Number {i}." * (1 + i % 2)}]
+        return [{"messages": turn(i) * (1 + i % 3)} for i in range(offset, offset + n)]
+
+    cfg = TrainConfig()
+    cfg.data.sources = [SourceConfig(path=str(_write(tmp_path / "train.jsonl", rows(8, 0))), format="messages")]
+    cfg.data.validation_path = str(_write(tmp_path / "valid.jsonl", rows(5, 100)))
+    apply_overrides(cfg, {"model.name_or_path": str(small_vocab_llama_dir), "model.mode": "fp32",
+                          "model.gradient_checkpointing": False, "train.output_dir": str(tmp_path / "run"),
+                          "train.max_length": 28, "train.max_steps": 2, "train.per_device_train_batch_size": 4,
+                          "train.per_device_eval_batch_size": 2, "train.gradient_accumulation_steps": 1,
+                          "train.learning_rate": 5e-2, "train.warmup_ratio": 0.0, "train.eval_steps": 0,
+                          "train.save_steps": 100, "train.report_to": "none", "train.optim": "adamw_torch",
+                          "export.merged_dtype": "float32", "export.gguf": False})
+    summary = run(cfg)
+    results = evaluate([("tuned", str(tmp_path / "run"))], str(tmp_path / "run"), tmp_path / "eval", generation=False)
+    (row,) = results["rows"]
+    assert results["data"]["max_length"] == 28 and row["rows"] == 5
+    assert row["loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    assert "cut at 28 tokens (train.max_length of" in (tmp_path / "eval" / "results.md").read_text()
+    # Asked for another length, it says so, and the cut matters here.
+    longer = evaluate([("tuned", str(tmp_path / "run"))], str(tmp_path / "run"), tmp_path / "eval2",
+                      generation=False, max_length=2048)
+    assert longer["data"]["max_length"] == 2048 and abs(longer["rows"][0]["loss"] - row["loss"]) > 1e-3
+    assert "cut at 2048 tokens (--max-length)" in (tmp_path / "eval2" / "results.md").read_text()

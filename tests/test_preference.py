@@ -134,13 +134,61 @@ def test_preference_rate_scores_replies_on_the_training_mask(tiny_llama_dir, tmp
     a, b = "Fine, thanks.", "I refuse to answer that question."
     ab = preference_rate(model, tok, [{"prompt": prompt, "chosen": a, "rejected": b}])
     ba = preference_rate(model, tok, [{"prompt": prompt, "chosen": b, "rejected": a}])
-    assert ab["pairs"] == 1 and ab["preference_rate"] + ba["preference_rate"] == 1
-    assert ab["mean_margin"] == pytest.approx(-ba["mean_margin"])
+    assert ab["pairs"] == 1 and ab["logp_rate"] + ba["logp_rate"] == 1
+    assert ab["logp_margin"] == pytest.approx(-ba["logp_margin"])
     # The margin is the difference of the replies' summed log-probabilities over the tokens training labels (the
     # earlier assistant turn is shared, so it cancels): what heldout_loss sums for the same conversations.
     total = lambda reply: -(lambda r: r["loss"] * r["tokens"])(  # noqa: E731
         heldout_loss(model, tok, [{"messages": prompt + [{"role": "assistant", "content": reply}]}]))
-    assert ab["mean_margin"] == pytest.approx(total(a) - total(b), abs=1e-3)
+    assert ab["logp_margin"] == pytest.approx(total(a) - total(b), abs=1e-3)
+
+
+def test_reward_accuracy_and_margin_are_what_trl_reports_for_dpo(small_vocab_llama_dir, tmp_path):
+    """The held-out figures DPO optimises, computed by evaluate's code, equal TRL's own eval rewards/accuracies and
+    rewards/margins for the same pairs (reference: the base, as in finetune's DPO runs), unlike the raw log-prob
+    rate, which has no reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.config import LoraSection, ModelConfig
+    from training.evaluation.preference_rate import pair_logps, preference_figures, preference_rate
+    from training.finetune import training_arguments
+    from training.trainer.modeling import load_model_for_training, plan_training
+    from training.trainer.preference import build_preference_trainer
+
+    tok = AutoTokenizer.from_pretrained(small_vocab_llama_dir)
+    cfg = apply_overrides(TrainConfig(), {"model.name_or_path": str(small_vocab_llama_dir), "model.mode": "fp32",
+                                          "train.objective": "dpo", "train.beta": 0.5, "train.max_length": 64,
+                                          "train.output_dir": str(tmp_path), "train.report_to": "none",
+                                          "train.per_device_eval_batch_size": 8, "train.optim": "adamw_torch"})
+    plan = plan_training(cfg, str(small_vocab_llama_dir))
+    model = load_model_for_training(str(small_vocab_llama_dir), ModelConfig(gradient_checkpointing=False),
+                                    LoraSection(r=4, alpha=8), plan, tok)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about {t}."}], "chosen": f"Sure: {t} are nice.",
+              "rejected": "No."} for t in TOPICS[:6]]
+    rows = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    trainer = build_preference_trainer(cfg, training_arguments(cfg, plan, has_eval=True), model, tok, rows, rows)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():  # "trained": LoRA B away from its zero start (TRL's "ref" copy keeps it)
+        if "lora_B.default" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    trl = trainer.evaluate()
+
+    model.eval()
+    with model.disable_adapter():
+        reference = pair_logps(model, tok, pairs, 64)
+    ours = preference_rate(model, tok, pairs, 64, reference=reference, beta=0.5)
+    assert ours["reward_pairs"] == ours["pairs"] == 6
+    assert ours["reward_accuracy"] == pytest.approx(trl["eval_rewards/accuracies"], abs=1e-6)
+    assert ours["reward_margin"] == pytest.approx(trl["eval_rewards/margins"], rel=1e-3, abs=1e-4)
+    assert 0 < ours["reward_accuracy"] < 1  # a mixed case: the comparison above means something
+    # The reference scores itself 0 / 0; the raw rate has no reference and is unchanged by one.
+    base = AutoModelForCausalLM.from_pretrained(small_vocab_llama_dir).eval()
+    itself = preference_rate(base, tok, pairs, 64, reference=reference, beta=0.5)
+    assert (itself["reward_accuracy"], itself["reward_margin"]) == (0, pytest.approx(0, abs=1e-6))
+    assert preference_figures(pair_logps(model, tok, pairs, 64))["logp_rate"] == ours["logp_rate"]
+    assert preference_figures(pair_logps(model, tok, pairs, 64))["reward_accuracy"] is None
 
 
 def test_evaluate_reports_the_preference_rate_beside_the_loss(tiny_llama_dir, tmp_path):
@@ -150,11 +198,17 @@ def test_evaluate_reports_the_preference_rate_beside_the_loss(tiny_llama_dir, tm
                                                              {"role": "assistant", "content": f"A{i}"}]} for i in range(3)])
     prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"Q{i}", "chosen": f"Yes {i}.", "rejected": "No."}
                                                    for i in range(5)])
-    results = evaluate([("tiny", str(tiny_llama_dir))], str(sft), tmp_path / "eval", generation=False,
-                       preference_data=str(prefs))
-    (row,) = results["rows"]
-    assert row["loss"] > 0 and row["pairs"] == 5 and 0 <= row["preference_rate"] <= 1
-    assert "preference rate" in (tmp_path / "eval" / "results.md").read_text()
+    results = evaluate([("base", str(tiny_llama_dir)), ("same", str(tiny_llama_dir))], str(sft), tmp_path / "eval",
+                       generation=False, preference_data=str(prefs), beta=0.5)
+    base, same = results["rows"]
+    assert base["loss"] > 0 and base["pairs"] == 5 and 0 <= base["logp_rate"] <= 1
+    # The first model is the reference: it has no reward figures; a model equal to it has no reward either.
+    assert base["preference_reference"] and base["reward_accuracy"] is None
+    assert (same["reward_accuracy"], same["reward_margin"], same["reward_pairs"]) == (0, 0, 5)
+    assert same["logp_rate"] == base["logp_rate"]
+    assert results["data"]["preference_reference"] == "base/hf" and results["data"]["beta"] == 0.5
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "reward accuracy" in md and "log-prob rate (no reference)" in md and "under the reference base/hf), beta 0.5" in md
 
 
 # ---------------------------------------------------------------- the loop on a tiny model
@@ -220,18 +274,20 @@ def test_space_records_train_a_run_that_prefers_the_liked_replies(objective, rec
 
     from training.data.preference import prepare_preference_data as prepare
     from training.evaluation.heldout import load_for_loss
+    from training.evaluation.preference_rate import pair_logps, preference_figures, preference_rate
     from training.finetune import run
-    from training.evaluation.preference_rate import preference_rate
 
     cfg = preference_cfg(records_dir, tiny_model_dir, tmp_path / objective, objective)
     summary = run(cfg)
     out = Path(cfg.train.output_dir)
     pairs = heldout_pairs(prepare(cfg.data, objective, log=None).validation)
     assert len(pairs) == 12
-    before = preference_rate(*load_for_loss(tiny_model_dir), pairs, max_length=128)
-    after = preference_rate(*load_for_loss(out / "merged"), pairs, max_length=128)
-    assert after["pairs"] == before["pairs"] == 12
-    assert after["preference_rate"] > before["preference_rate"] and after["mean_margin"] > before["mean_margin"]
+    reference = pair_logps(*load_for_loss(tiny_model_dir), pairs, max_length=128)
+    after = preference_rate(*load_for_loss(out / "merged"), pairs, max_length=128, reference=reference)
+    assert after["pairs"] == after["reward_pairs"] == 12
+    # What DPO / KTO optimise, against the base: the liked reply's reward above the disliked one's, on held-out prompts.
+    assert after["reward_accuracy"] > 0.5 and after["reward_margin"] > 0
+    assert after["logp_rate"] > preference_figures(reference)["logp_rate"]
     assert summary["steps"] == 24 and summary["final_eval_loss"] is not None
     assert f"| objective | {objective} (beta 0.1) |" in (out / "README.md").read_text()
     # The adapter holds the trained weights only (TRL's frozen reference copy is gone) and merges as for SFT.

@@ -4,7 +4,8 @@
         --data training/configs/smollm2-135m-cpu.yaml --out runs/eval
 
 Per model (NAME=SPEC: `embedded`, a finetune.py run dir, an HF dir or Hub id, or a .gguf): held-out loss
-(training.evaluation.heldout), answers to a prompt set with stop rate and repetition, and serving cost through the Space's own
+(training.evaluation.heldout; rows cut at the recipe's train.max_length, so a run's figure is finetune.py's eval
+loss), answers to a prompt set with stop rate and repetition, and serving cost through the Space's own
 backends (training.evaluation.serving_cost). Writes OUT/results.md, OUT/results.json, OUT/quality_vs_speed.png, OUT/heldout.jsonl.
 """
 from __future__ import annotations
@@ -26,10 +27,12 @@ from training.evaluation.report import append_to_model_card, plot_quality_vs_spe
 from training.evaluation.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
 from training.evaluation.judge import make_judge, pairwise_win_rate
 from training.paths import REPO_ROOT
-from training.evaluation.preference_rate import load_heldout_pairs, preference_rate
+from training.evaluation.preference_rate import (DEFAULT_BETA, load_heldout_pairs, pair_logps, preference_figures,
+                                                 recipe_of)
 from training.evaluation.serving_cost import measure_serving
 
 DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
+DEFAULT_MAX_LENGTH = 2048  # tokens per held-out row when neither --max-length nor a recipe says
 
 
 class EvalError(ValueError):
@@ -129,11 +132,7 @@ def select_quants(spec: ModelSpec, quants: Sequence[str], work_dir: Path) -> Non
 def load_heldout(data: str, max_rows: int | None = None) -> tuple[list[dict], str]:
     """(conversations, description). A recipe or run dir gives the rows finetune.py held out for it."""
     path = Path(data).expanduser()
-    recipe = None
-    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "dataset_dict.json").exists():
-        recipe = path / "config.yaml"
-    elif path.suffix in (".yaml", ".yml"):
-        recipe = path
+    recipe = None if (path / "dataset_dict.json").exists() else recipe_of(data)
     try:
         if recipe is not None:
             from training.config import load_config
@@ -198,16 +197,46 @@ def generation_metrics(answers: Sequence[dict]) -> dict[str, Any]:
             "distinct_2": mean([distinct_n(a["text"], 2) for a in answers])}
 
 
+def recipe_setting(source: str | None, name: str):
+    """The train.NAME of the recipe a --data / --preference-data value names (None: not a recipe or run dir)."""
+    recipe = recipe_of(source) if source else None
+    if recipe is None:
+        return None
+    from training.config import ConfigError, load_config
+
+    try:
+        return getattr(load_config(recipe).train, name)
+    except ConfigError as exc:
+        raise EvalError(f"{source!r}: {exc}") from None
+
+
+def scoring_length(asked: int | None, *sources: str | None) -> tuple[int, str]:
+    """(max_length, where it comes from): --max-length, else the first recipe's train.max_length (finetune.py cuts
+    its validation rows there, so its eval loss and this held-out loss are one figure), else 2048."""
+    if asked is not None:
+        return asked, "--max-length"
+    for source in sources:
+        length = recipe_setting(source, "max_length")
+        if length is not None:
+            return length, f"train.max_length of {recipe_of(source)}"
+    return DEFAULT_MAX_LENGTH, "the default; no recipe named"
+
+
 # ---------------------------------------------------------------- the comparison
 
 def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, prompts: str | Path = DEFAULT_PROMPTS,
              quants: Sequence[str] = (), quant_loss: bool = True, generation: bool = True,
              transformers_speed: bool = False, judge: Callable[[list[dict]], str] | None = None,
-             max_length: int = 2048, max_rows: int | None = None, chat_template: str | None = None,
+             max_length: int | None = None, max_rows: int | None = None, chat_template: str | None = None,
              max_new_tokens: int = 200, temperature: float = 0.2, top_p: float = 0.9, seed: int = 0,
-             threads: int = 2, n_ctx: int = 2048, preference_data: str | None = None) -> dict:
+             threads: int = 2, n_ctx: int = 2048, preference_data: str | None = None,
+             beta: float | None = None) -> dict:
     """Every model on the same held-out rows and prompts; writes results.{md,json} and quality_vs_speed.png.
-    With preference_data, also each model's preference rate on its held-out pairs (training.evaluation.preference_rate)."""
+    Rows (and pairs) are cut at `max_length`, by default the recipe's train.max_length (scoring_length).
+    With preference_data, also each model's preference figures on its held-out pairs
+    (training.evaluation.preference_rate): reward accuracy and margin against the first model whose log-probs could
+    be computed (the reference: list the base first) with `beta` (default: the dpo/kto recipe's train.beta), and
+    the log-prob rate, which needs no reference."""
     out = Path(out)
     names = [n for n, _ in models]
     if len(set(names)) != len(names):
@@ -216,9 +245,16 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
     rows_data, data_what = load_heldout(data, max_rows)
     prompt_sets = load_prompts(prompts) if generation else []
     pairs, pairs_what = load_heldout_pairs(preference_data) if preference_data else ([], None)
+    (max_length, length_from), (pairs_length, pairs_length_from) = (
+        scoring_length(max_length, data), scoring_length(max_length, preference_data, data))
+    if beta is None:
+        recipe_beta = recipe_setting(preference_data, "beta")
+        beta = DEFAULT_BETA if recipe_beta is None else recipe_beta
+    reference: dict[str, Any] = {}  # "name", "logps": the first model whose pair log-probs were computed
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_data))
-    log(f"held-out: {len(rows_data)} conversations ({data_what}); prompts: {len(prompt_sets)}")
+    log(f"held-out: {len(rows_data)} conversations ({data_what}), cut at {max_length} tokens ({length_from}); "
+        f"prompts: {len(prompt_sets)}")
 
     rows: list[dict] = []
     answers: dict[str, list[dict]] = {}
@@ -241,7 +277,11 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
                     model, tok = load_for_loss(v["loss_from"], chat_template)
                     row.update(heldout_loss(model, tok, rows_data, max_length))
                     if pairs:
-                        row.update(preference_rate(model, tok, pairs, max_length))
+                        logps = pair_logps(model, tok, pairs, pairs_length)
+                        reference.setdefault("name", f"{spec.name}/{v['variant']}")
+                        is_reference = reference.setdefault("logps", logps) is logps
+                        row.update(preference_figures(logps, None if is_reference else reference["logps"], beta))
+                        row["preference_reference"] = True if is_reference else None
                     del model
                 except DataError as exc:
                     raise EvalError(f"--data: {exc}") from None
@@ -279,8 +319,11 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
                     r["judge_win_rate"] = judged["win_rate"][r["model"]] = rate
 
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "data": {"source": data_what, "rows": len(rows_data), "preference_pairs": len(pairs) or None,
-                        "preference_source": pairs_what},
+               "data": {"source": data_what, "rows": len(rows_data), "max_length": max_length,
+                        "max_length_from": length_from, "preference_pairs": len(pairs) or None,
+                        "preference_source": pairs_what, "preference_max_length": pairs_length if pairs else None,
+                        "preference_max_length_from": pairs_length_from if pairs else None,
+                        "preference_reference": reference.get("name"), "beta": beta if pairs else None},
                "prompts": str(prompts) if generation else None,
                "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                               "seed": seed, "threads": threads, "n_ctx": n_ctx},
@@ -300,8 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", nargs="+", required=True, metavar="NAME=SPEC",
                    help="embedded | run dir | HF dir or Hub id | .gguf file; the first is the reference")
     p.add_argument("--data", required=True, help="held-out data: a data file, a recipe YAML or a run dir")
-    p.add_argument("--preference-data", help="held-out preference pairs for the preference rate: a dpo/kto recipe "
-                   "or run dir (its held-out prompts) or a preference data file")
+    p.add_argument("--preference-data", help="held-out preference pairs for the reward accuracy and margin "
+                   "(against the first --model: list the base first) and the log-prob rate: a dpo/kto recipe or run "
+                   "dir (its held-out prompts) or a preference data file")
+    p.add_argument("--beta", type=float, help="beta of the reward margin (default: the --preference-data recipe's "
+                   f"train.beta, else {DEFAULT_BETA})")
     p.add_argument("--out", default="runs/eval", help="output dir (default: runs/eval)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt set for the generation checks")
     p.add_argument("--quants", nargs="+", default=[], help="GGUF quantisations to compare (exported from an "
@@ -314,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", help="model name on the judge server (default: its first)")
     p.add_argument("--judge-gguf", help="a local GGUF judge model, run by llama.cpp")
     p.add_argument("--chat-template", help="for a base with no chat template: chatml, a .jinja file or a tokenizer dir")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per held-out row (longer are cut)")
+    p.add_argument("--max-length", type=int, help="tokens per held-out row and pair (longer are cut; default: the "
+                   f"recipe's train.max_length, as finetune.py cuts them, else {DEFAULT_MAX_LENGTH})")
     p.add_argument("--max-rows", type=int, help="use only the first N held-out rows")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.2, help="default: the Space's 0.2")
@@ -335,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                ("--threads", args.threads, 1), ("--max-rows", args.max_rows, 1)):
             if value is not None and value < lo:
                 raise EvalError(f"{opt}={value} is not valid; accepted: an integer >= {lo}")
+        if args.beta is not None and not args.beta > 0:
+            raise EvalError(f"--beta={args.beta} is not valid; accepted: a number > 0")
         if args.judge_url and args.judge_gguf:
             raise EvalError("--judge-url and --judge-gguf were both given; accepted: one of them")
         models = [parse_model_arg(a) for group in args.model for a in group]
@@ -348,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_rows=args.max_rows, chat_template=args.chat_template,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            seed=args.seed, threads=args.threads, n_ctx=args.n_ctx,
-                           preference_data=args.preference_data)
+                           preference_data=args.preference_data, beta=args.beta)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

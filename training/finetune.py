@@ -124,8 +124,8 @@ def build_trainer(cfg: TrainConfig, plan, model, tokenizer, train_rows: Sequence
     training rows are first packed into rows of at most train.max_length tokens (TRL's best-fit decreasing).
     `plan`: the hardware plan, or a mode name decided here for this machine."""
     from datasets import Dataset
-    from transformers import Trainer
 
+    from training.trainer.eval_loss import PooledEvalLossTrainer  # eval loss = evaluate.py's held-out loss
     from training.trainer.modeling import as_plan
 
     plan = as_plan(plan, cfg, model)  # a mode name: decided for this model (does it keep packed rows apart?)
@@ -136,7 +136,7 @@ def build_trainer(cfg: TrainConfig, plan, model, tokenizer, train_rows: Sequence
         log(f"packing: {len(train_rows)} examples -> {len(train_dataset)} rows of <= {cfg.train.max_length} tokens")
     else:
         train_dataset = Dataset.from_list(list(train_rows))
-    return Trainer(
+    return PooledEvalLossTrainer(
         model=model,
         args=training_arguments(cfg, plan, has_eval=bool(eval_rows)),
         train_dataset=train_dataset,

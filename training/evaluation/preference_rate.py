@@ -1,8 +1,16 @@
-"""Held-out preference rate: how often a model gives the chosen reply a higher log-probability than the rejected one.
+"""Held-out preference figures: how a model ranks the chosen reply of a pair against the rejected one.
 
 Each reply is scored as the sum of the log-probabilities of its tokens after the prompt, on exactly the tokens
-training's mask covers (training.chat_format.encode_conversation: the reply's content and its end-of-turn token),
-so a DPO / KTO run is judged on what it was trained to move. Ties count half; 0.5 is chance.
+training's mask covers (training.chat_format.encode_conversation: the reply's content and its end-of-turn token).
+
+- **Reward accuracy and margin** (what DPO / KTO optimise; TRL's `rewards/accuracies` and `rewards/margins`): against
+  a reference model (the base the run started from), a reply's implicit reward is
+  beta * (log pi(reply) - log pi_ref(reply)); the accuracy is the share of pairs whose chosen reply gets the strictly
+  higher reward, the margin the mean reward difference. What the base already preferred, and the length of the
+  replies, cancel: only what training moved counts. The reference itself scores 0% / 0.
+- **Log-prob rate** (no reference; kept for what it is): the share of pairs where log pi(chosen) > log pi(rejected),
+  ties half, and the mean difference in nats. It favours short replies (fewer tokens to lose probability on) and
+  whatever the base preferred before any training, so a base can score 0% and a well-trained model still lose.
 """
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training.chat_format import IGNORE_INDEX, encode_conversation, prompt_ids
+
+DEFAULT_BETA = 0.1  # TrainSection.beta's default
 
 
 def reply_example(tokenizer, prompt: list[dict], reply: str, max_length: int) -> dict | None:
@@ -43,26 +53,60 @@ def sequence_logps(model, examples: Sequence[dict], batch_size: int = 8) -> list
     return out
 
 
-def preference_rate(model, tokenizer, pairs: Sequence[dict], max_length: int = 2048) -> dict[str, Any]:
-    """pairs: {"prompt": messages, "chosen": text, "rejected": text} (training.data.preference.heldout_pairs).
+def pair_logps(model, tokenizer, pairs: Sequence[dict], max_length: int = 2048) -> list[tuple[float, float] | None]:
+    """(log p(chosen), log p(rejected)) per pair, in order; None for a pair with a reply cut off by max_length.
 
-    Returns preference_rate (share of pairs with logp(chosen) > logp(rejected), ties half), mean_margin (mean
-    logp(chosen) - logp(rejected), in nats), pairs scored and pairs skipped (a reply cut off by max_length)."""
-    scored, skipped = [], 0
+    pairs: {"prompt": messages, "chosen": text, "rejected": text} (training.data.preference.heldout_pairs)."""
+    examples: list[tuple[dict, dict] | None] = []
     for p in pairs:
         chosen = reply_example(tokenizer, p["prompt"], p["chosen"], max_length)
         rejected = reply_example(tokenizer, p["prompt"], p["rejected"], max_length)
-        if chosen is None or rejected is None:
-            skipped += 1
-        else:
-            scored.append((chosen, rejected))
-    if not scored:
-        return {"preference_rate": None, "mean_margin": None, "pairs": 0, "skipped_pairs": skipped}
-    logps = sequence_logps(model, [e for pair in scored for e in pair])
-    margins = [logps[2 * k] - logps[2 * k + 1] for k in range(len(scored))]
-    wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
-    return {"preference_rate": wins / len(margins), "mean_margin": sum(margins) / len(margins),
-            "pairs": len(margins), "skipped_pairs": skipped}
+        examples.append(None if chosen is None or rejected is None else (chosen, rejected))
+    scored = [e for e in examples if e is not None]
+    flat = iter(sequence_logps(model, [ex for pair in scored for ex in pair])) if scored else iter(())
+    return [None if e is None else (next(flat), next(flat)) for e in examples]
+
+
+def preference_figures(logps: Sequence[tuple[float, float] | None],
+                       reference: Sequence[tuple[float, float] | None] | None = None,
+                       beta: float = DEFAULT_BETA) -> dict[str, Any]:
+    """The figures of the module docstring from pair_logps of the model (and of the reference model, same pairs).
+
+    reward_accuracy / reward_margin (None without a reference), logp_rate / logp_margin, pairs (scored by the
+    model), reward_pairs (scored by both), skipped_pairs (a reply cut off by max_length), beta."""
+    scored = [lp for lp in logps if lp is not None]
+    out: dict[str, Any] = {"logp_rate": None, "logp_margin": None, "reward_accuracy": None, "reward_margin": None,
+                           "pairs": len(scored), "reward_pairs": 0, "skipped_pairs": len(logps) - len(scored),
+                           "beta": beta}
+    if scored:
+        raw = [c - r for c, r in scored]
+        out["logp_rate"] = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in raw) / len(raw)
+        out["logp_margin"] = sum(raw) / len(raw)
+    if reference is not None:
+        if len(reference) != len(logps):
+            raise ValueError(f"reference log-probs for {len(reference)} pairs, model's for {len(logps)}")
+        both = [(lp, ref) for lp, ref in zip(logps, reference) if lp is not None and ref is not None]
+        margins = [beta * ((c - c_ref) - (r - r_ref)) for (c, r), (c_ref, r_ref) in both]
+        out["reward_pairs"] = len(margins)
+        if margins:
+            out["reward_accuracy"] = sum(m > 0 for m in margins) / len(margins)  # TRL: chosen > rejected, strictly
+            out["reward_margin"] = sum(margins) / len(margins)
+    return out
+
+
+def preference_rate(model, tokenizer, pairs: Sequence[dict], max_length: int = 2048,
+                    reference: Sequence[tuple[float, float] | None] | None = None,
+                    beta: float = DEFAULT_BETA) -> dict[str, Any]:
+    """preference_figures of `model` on `pairs`; `reference`: pair_logps of the reference model on the same pairs."""
+    return preference_figures(pair_logps(model, tokenizer, pairs, max_length), reference, beta)
+
+
+def recipe_of(source: str) -> Path | None:
+    """The recipe a --preference-data / --data value names: a recipe YAML, or a run dir's config.yaml."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return path / "config.yaml"
+    return path if path.suffix in (".yaml", ".yml") else None
 
 
 def load_heldout_pairs(source: str) -> tuple[list[dict], str]:
@@ -71,9 +115,7 @@ def load_heldout_pairs(source: str) -> tuple[list[dict], str]:
     from training.data import DataConfig, DataError, SourceConfig
     from training.data.preference import dpo_rows, heldout_pairs, load_judgements, prepare_preference_data
 
-    path = Path(source).expanduser()
-    recipe = path / "config.yaml" if path.is_dir() and (path / "config.yaml").is_file() else \
-        path if path.suffix in (".yaml", ".yml") else None
+    recipe = recipe_of(source)
     if recipe is not None:
         from training.config import load_config
         from training.paths import resolve_recipe_paths

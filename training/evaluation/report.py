@@ -7,8 +7,9 @@ from pathlib import Path
 CARD_BEGIN, CARD_END = "<!-- evaluate.py results begin -->", "<!-- evaluate.py results end -->"
 
 COLUMNS = [("model", "model", "{}"), ("variant", "variant", "{}"), ("loss", "held-out loss", "{:.4f}"),
-           ("perplexity", "ppl", "{:.2f}"), ("preference_rate", "preference rate", "{:.0%}"),
-           ("mean_margin", "margin nats", "{:+.1f}"), ("stop_rate", "stops", "{:.0%}"),
+           ("perplexity", "ppl", "{:.2f}"), ("reward_accuracy", "reward accuracy", "{:.0%}"),
+           ("reward_margin", "reward margin", "{:+.2f}"), ("logp_rate", "log-prob rate (no reference)", "{:.0%}"),
+           ("logp_margin", "log-prob margin nats", "{:+.1f}"), ("stop_rate", "stops", "{:.0%}"),
            ("mean_new_tokens", "mean tokens", "{:.0f}"), ("distinct_1", "distinct-1", "{:.2f}"),
            ("distinct_2", "distinct-2", "{:.2f}"), ("ttft_s", "TTFT s", "{:.2f}"),
            ("decode_tps", "decode tok/s", "{:.1f}"), ("peak_rss_mib", "peak RSS MiB", "{:.0f}"),
@@ -25,14 +26,22 @@ def results_markdown(results: dict) -> str:
         cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     data = results.get("data") or {}
-    lines += ["", f"Held-out: {data.get('rows')} conversations ({data.get('source')}); loss = mean NLL per assistant "
-              "token (the training mask), ppl = exp(loss). Speed: the Space's backend on "
+    cut = f", cut at {data['max_length']} tokens ({data.get('max_length_from')})" if data.get("max_length") else ""
+    lines += ["", f"Held-out: {data.get('rows')} conversations ({data.get('source')}){cut}; loss = mean NLL per "
+              "assistant token (the training mask), pooled over all rows (finetune.py's eval loss on the same rows), "
+              "ppl = exp(loss). Speed: the Space's backend on "
               f"{(results.get('generation') or {}).get('threads')} CPU thread(s), median time to first token, decode "
               "tok/s = tokens after the first / their time; peak RSS of a fresh process serving that file alone."]
     if data.get("preference_pairs"):
-        lines.append(f"Preference rate: share of {data['preference_pairs']} held-out pairs ({data.get('preference_source')}) "
-                     "where the model gives the chosen reply a higher log-probability (summed over the reply's trained "
-                     "tokens) than the rejected one; margin = mean log p(chosen) - log p(rejected).")
+        lines.append(
+            f"Preference: {data['preference_pairs']} held-out pairs ({data.get('preference_source')}), cut at "
+            f"{data.get('preference_max_length')} tokens ({data.get('preference_max_length_from')}); each reply "
+            "scored by its log-probability summed over its trained tokens. Reward accuracy / margin (what DPO and "
+            "KTO optimise, TRL's rewards/accuracies and rewards/margins): reward = beta x (log p(reply) - its "
+            f"log p under the reference {data.get('preference_reference')}), beta {data.get('beta')}; accuracy = "
+            "share of pairs whose chosen reply gets the higher reward, margin = mean reward difference; the "
+            "reference itself has none. Log-prob rate: share of pairs where log p(chosen) > log p(rejected) (ties "
+            "half), with no reference: it favours short replies and what the base already preferred.")
     best = {}
     for r in rows:
         if r.get("loss") is not None:

@@ -227,6 +227,13 @@ def test_count_tokens_and_the_too_long_prompt_are_the_serial_backends(batched, s
         next(batched.stream([{"role": "user", "content": "word " * 1200}], GREEDY))
 
 
+def wait_until(condition, seconds: float = 60) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def sequence_is_empty(backend, seq: int) -> bool:
     return llama_cpp.llama_memory_seq_pos_max(backend.scheduler.memory, seq) == -1
 
@@ -237,6 +244,7 @@ def test_stop_ends_only_that_visitors_sequence(batched, serial):
                 for animal in ("dragon", "whale", "fox")]
     cancel = threading.Event()
     results: dict[int, tuple] = {}
+    freed: dict[str, object] = {}
 
     def ask(i: int) -> None:
         text, finish, tokens = "", None, 0
@@ -244,6 +252,9 @@ def test_stop_ends_only_that_visitors_sequence(batched, serial):
             text, finish, tokens = text + chunk.text, chunk.finish_reason or finish, tokens + chunk.tokens
             if i == 1 and tokens >= 3:
                 cancel.set()  # the stop button, pressed by visitor 1 after three tokens
+        if i == 1:  # its sequence is freed at once, while the other two are still being answered
+            freed["at once"] = wait_until(lambda: len(batched.scheduler.active()) == 2, seconds=10)
+            freed["others running"] = [j for j in (0, 2) if j not in results]
         results[i] = (text, finish, tokens)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
@@ -252,6 +263,7 @@ def test_stop_ends_only_that_visitors_sequence(batched, serial):
     for t in threads:
         t.join(300)
     assert results[1][1] == "cancelled" and results[1][2] == 3
+    assert freed == {"at once": True, "others running": [0, 2]}
     for i in (0, 2):  # the others went on to the end, with exactly the replies they get alone
         assert results[i][1] in ("stop", "length") and results[i][2] > 3
         assert results[i][:2] == collect(serial.stream(*requests[i]))[:2]
@@ -276,13 +288,6 @@ def test_closing_a_stream_frees_its_sequence_while_the_others_go_on(batched):
     assert len(batched.scheduler.active()) == 2  # the other two visitors are still being answered
     for stream in others:
         assert collect(stream)[1] in ("stop", "length")
-
-
-def wait_until(condition, seconds: float = 60) -> bool:
-    deadline = time.time() + seconds
-    while not condition() and time.time() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_a_request_beyond_the_slots_waits_and_can_be_cancelled_while_waiting(batched):

@@ -110,6 +110,8 @@ def test_two_run_sweep_ranks_by_heldout_loss_and_writes_best_recipe(tmp_path, ti
     heldout = (out / "heldout.jsonl").read_text().splitlines()
     assert results["heldout_rows"] == len(heldout) == 4
     assert all(r["tokens"] == runs[0]["tokens"] for r in runs)
+    # One figure for one model on these rows: finetune's eval loss is the sweep's held-out loss of its merged model.
+    assert all(r["loss"] == pytest.approx(r["trainer_eval_loss"], rel=1e-5) for r in runs), runs
     for r in runs:
         cfg = yaml.safe_load((Path(r["output_dir"]) / "config.yaml").read_text())
         assert cfg["data"]["validation_path"] == str(out / "heldout.jsonl")
@@ -123,6 +125,7 @@ def test_two_run_sweep_ranks_by_heldout_loss_and_writes_best_recipe(tmp_path, ti
     assert best.model.name_or_path == str(tiny_llama_dir) and best.export.gguf is True
     table = (out / "sweep.md").read_text()
     assert table.index("| 1 | 1e-2 |") < table.index("| 2 | 1e-5 |") and "| base |" in table
+    assert "cut at 128 tokens (the recipe's train.max_length)" in table
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -147,13 +147,16 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
         apply_overrides(c, base_overrides)
     log(f"{len(points)} runs; held-out: {len(heldout)} rows pinned in {heldout_path}")
 
+    # Every run is scored on the same rows cut at the same length - the recipe's train.max_length - even where
+    # the grid varies max_length: a loss over other cuts of the rows would not rank the runs.
+    length = base_cfg.train.max_length
     results: dict[str, Any] = {"recipe": str(recipe), "grid": [[k, v] for k, v in grid], "heldout": str(heldout_path),
-                               "heldout_rows": len(heldout), "max_steps": max_steps, "data_subset": data_subset,
-                               "runs": [], "baseline": None}
+                               "heldout_rows": len(heldout), "max_length": length, "max_steps": max_steps,
+                               "data_subset": data_subset, "runs": [], "baseline": None}
     if baseline:
         model, tok = load_for_loss(base_overrides.get("model.name_or_path") or configs[0].model.name_or_path,
                                    base_cfg.model.chat_template, device)
-        results["baseline"] = heldout_loss(model, tok, heldout, base_cfg.train.max_length)
+        results["baseline"] = heldout_loss(model, tok, heldout, length)
         del model
         torch.cuda.empty_cache()  # the VRAM goes back to the next point's training process
         log(f"untrained base: held-out loss {results['baseline']['loss']:.4f}")
@@ -169,7 +172,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[tuple[str, list[str]]], out: st
                          tokens_per_second=trained["tokens_per_second"])
             try:
                 model, tok = load_for_loss(Path(cfg.train.output_dir) / "merged", device=device)
-                entry.update(heldout_loss(model, tok, heldout, cfg.train.max_length))
+                entry.update(heldout_loss(model, tok, heldout, length))
                 del model
                 torch.cuda.empty_cache()
             except Exception as exc:  # one failing point must not lose the others
@@ -219,8 +222,11 @@ def sweep_markdown(results: dict) -> str:
     if results.get("baseline"):
         lines.append("| base | " + " | ".join(["-"] * len(keys)) + f" | {results['baseline']['loss']:.4f} | "
                      f"{results['baseline']['perplexity']:.2f} | - | - | - | - |")
-    lines += ["", f"Held-out: {results['heldout_rows']} rows, the same for every run ({results['heldout']}); "
-              "loss = mean NLL per assistant token; `base` = the untrained base model."]
+    cut = f", cut at {results['max_length']} tokens (the recipe's train.max_length)" if results.get("max_length") else ""
+    lines += ["", f"Held-out: {results['heldout_rows']} rows, the same for every run ({results['heldout']}){cut}; "
+              "loss = mean NLL per assistant token, pooled over the rows; `base` = the untrained base model; trainer "
+              "eval loss = finetune.py's figure for the same rows at the run's own train.max_length (the same "
+              "figure unless the grid varies max_length)."]
     if results.get("best"):
         lines.append(f"Best: {results['best']['label']} -> {results['best']['recipe']}")
     for r in results["runs"]:

@@ -19,62 +19,18 @@ import httpx
 import pytest
 
 from tests.live_app import LiveApp, live_app
+from tools import gradio_http
+from tools.gradio_http import Tab, final_output, first_text_seconds, text_message
+
+
+def post_run(app: LiveApp, *args, **kwargs) -> httpx.Response:
+    return gradio_http.post_run(app.url, *args, **kwargs)
+
+
+def join_queue(app: LiveApp, *args, **kwargs) -> list[tuple[float, dict]]:
+    return gradio_http.join_queue(app.url, *args, **kwargs)
 
 MIB = 2**20
-
-
-def text_message(role: str, text: str) -> dict:
-    """A chat message as the browser sends the Chatbot's value."""
-    return {"role": role, "content": [{"type": "text", "text": text}], "metadata": None, "options": None}
-
-
-def dependency(app: LiveApp, api_name: str) -> tuple[dict, dict]:
-    """An event as the page's public config describes it (what the browser reads too), and the page's values of
-    its inputs."""
-    config = httpx.get(f"{app.url}config", timeout=30).json()
-    event = next(d for d in config["dependencies"] if d.get("api_name") == api_name)
-    values = {c["id"]: c.get("props", {}).get("value") for c in config["components"]}
-    return event, values
-
-
-def fn_index(app: LiveApp, api_name: str) -> int:
-    return dependency(app, api_name)[0]["id"]
-
-
-def post_run(app: LiveApp, api_name: str, data: list, event_data: dict | None = None,
-             session: str | None = None) -> httpx.Response:
-    """POST /gradio_api/run/predict: how the page calls an event that skips the queue (feedback's). Inputs the
-    caller leaves out are sent with the page's values, as the browser would."""
-    event, values = dependency(app, api_name)
-    data = data + [values.get(i) for i in event["inputs"][len(data):]]
-    return httpx.post(f"{app.url}gradio_api/run/predict", timeout=60,
-                      json={"data": data, "event_data": event_data, "fn_index": event["id"],
-                            "session_hash": session or uuid.uuid4().hex})
-
-
-def join_queue(app: LiveApp, api_name: str, data: list, session: str | None = None) -> list[tuple[float, dict]]:
-    """Join the queue with a raw JSON body (NaN and all, as Python's json writes it) and read the event's stream to
-    the end: (seconds since joining, message) pairs."""
-    session, start = session or uuid.uuid4().hex, time.perf_counter()
-    body = json.dumps({"data": data, "fn_index": fn_index(app, api_name), "session_hash": session,
-                       "event_data": None, "trigger_id": None})
-    joined = httpx.post(f"{app.url}gradio_api/queue/join", content=body, timeout=60,
-                        headers={"content-type": "application/json"})
-    assert joined.status_code == 200, joined.text
-    messages = []
-    with httpx.stream("GET", f"{app.url}gradio_api/queue/data", params={"session_hash": session},
-                      timeout=300) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                message = json.loads(line[5:])
-                messages.append((time.perf_counter() - start, message))
-                if message.get("msg") in ("process_completed", "close_stream"):
-                    break
-    return messages
-
-
-def final_output(messages: list[tuple[float, dict]]) -> list:
-    return next(m["output"]["data"] for _, m in reversed(messages) if m.get("msg") == "process_completed")
 
 
 def records(folder: Path) -> list[dict]:
@@ -202,42 +158,21 @@ def model_app(request, tmp_path_factory):
         yield app
 
 
-class Tab:
-    """One browser tab, driven over HTTP through the page's own events: send a message, press Retry."""
-
-    def __init__(self, app: LiveApp):
-        self.app, self.client = app, client(app)
-        self.history: list[dict] = []
-
-    def send(self, message: str, temperature: float = 1.0, max_new_tokens: int = 24, system: str = "") -> str:
-        reply, _ = self.client.predict(message, system, temperature, 0.95, max_new_tokens, 1.1, 0.0,
-                                       api_name="/chat")
-        self.history += [text_message("user", message), text_message("assistant", reply)]
-        return reply
-
-    def retry(self, temperature: float = 1.0, max_new_tokens: int = 24, system: str = "") -> str:
-        """What the Retry button runs: the chat's state set from the page, its last turn popped, the reply again."""
-        self.client.predict(self.history, fn_index=fn_index(self.app, "lambda"))
-        self.client.predict(fn_index=fn_index(self.app, "_pop_last_user_message"))
-        history, _ = self.client.predict(system, temperature, 0.95, max_new_tokens, 1.1, 0.0,
-                                         fn_index=fn_index(self.app, "_submit_fn_2"))
-        reply = history[-1]["content"][0]["text"]
-        self.history[-1] = text_message("assistant", reply)
-        return reply
+SAMPLED = ("", 1.0, 0.95, 24, 1.1, 0.0)  # the Settings panel: no system prompt, temperature 1, top-p, 24 tokens, ...
 
 
 def test_retry_gives_a_fresh_sample_with_the_prompt_cache_on(model_app):
     """Issue item 2: with the cache on, load_state restored the cached seed: 4 retries at temperature 1.0 after
     another visitor's turn gave 1 distinct reply; two visitors with the same first message got the same reply."""
-    tab, other = Tab(model_app), Tab(model_app)
-    first = tab.send("Write one sentence about the sea.")
+    tab, other = Tab(model_app.url), Tab(model_app.url)
+    first, _ = tab.send("Write one sentence about the sea.", *SAMPLED)
     retries = []
     for i in range(4):
-        other.send(f"Name a colour, number {i}.", max_new_tokens=8)  # another visitor in between
-        retries.append(tab.retry())
+        other.send(f"Name a colour, number {i}.", "", 0.2, 0.9, 8)  # another visitor in between
+        retries.append(tab.retry(*SAMPLED))
     print("retries:", retries)
     assert len({first, *retries}) >= 3
-    strangers = {Tab(model_app).send("Write one sentence about the sea.") for _ in range(3)}
+    strangers = {Tab(model_app.url).send("Write one sentence about the sea.", *SAMPLED)[0] for _ in range(3)}
     assert len(strangers | {first}) >= 3
 
 
@@ -256,10 +191,9 @@ def test_an_oversized_system_prompt_is_refused_before_the_model(model_app):
     attack.start()
     time.sleep(0.5)
     messages = join_queue(model_app, "chat", ["What is the capital of France?", None, "", 0.2, 0.9, 16, 1.2, 0.05])
-    first_text = next(t for t, m in messages if m.get("msg") == "process_generating" and m["output"]["data"][0])
     attack.join()
     print(f"8 MB system prompt refused after {timings['refused after']:.2f} s; the other visitor's first "
-          f"token after {first_text:.2f} s")
+          f"token after {first_text_seconds(messages):.2f} s")
     assert "The system prompt is 8388608 characters long; the limit is 8000 (CHATBOT_MAX_SYSTEM_CHARS)" \
         in timings["reply"]
 
@@ -267,12 +201,11 @@ def test_an_oversized_system_prompt_is_refused_before_the_model(model_app):
 def test_an_oversized_history_is_cut_before_it_is_tokenised(model_app):
     """The history a caller sets is bounded too: the oldest turns beyond CHATBOT_MAX_HISTORY_CHARS are left out
     without tokenising them (the stats line says so) and the newest message is answered."""
-    tab = Tab(model_app)
-    tab.history = [text_message("user", "w " * (4 * MIB)), text_message("assistant", "ok"),
-                   text_message("user", "Say hello."), text_message("assistant", "Hello!")]
-    tab.client.predict(tab.history, fn_index=fn_index(model_app, "lambda"))  # the chat's state, as the page sets it
+    tab = Tab(model_app.url)
+    tab.set_history([text_message("user", "w " * (4 * MIB)), text_message("assistant", "ok"),
+                     text_message("user", "Say hello."), text_message("assistant", "Hello!")])
     started = time.perf_counter()
-    reply, stats = tab.client.predict("Thanks!", "", 0.2, 0.9, 8, api_name="/chat")
+    reply, stats = tab.send("Thanks!", "", 0.2, 0.9, 8)
     print(f"8 MB history answered after {time.perf_counter() - started:.2f} s: {stats}")
     assert reply.strip() and not reply.startswith("⚠️")
     assert "2 oldest messages over CHATBOT_MAX_HISTORY_CHARS left out" in stats

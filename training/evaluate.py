@@ -370,12 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for serving (the Space has 2 vCPUs)")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--model-card", help="append the table to this README.md (e.g. RUN_DIR/README.md)")
+    p.add_argument("--arena", metavar="DIR_OR_DATASET", help="instead: the Arena leaderboard of the Space's votes "
+                   "(a feedback folder or Hub dataset; with --model-card, --rounds, --seed; training.evaluation.arena)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from chatbot.settings import ConfigError as ChatbotConfigError
 
+    if any(a == "--arena" or a.startswith("--arena=") for a in (sys.argv[1:] if argv is None else argv)):
+        from training.evaluation.arena import main as arena_main
+
+        return arena_main(argv)
     args = build_parser().parse_args(argv)
     try:
         for opt, value, lo in (("--max-length", args.max_length, 2), ("--max-new-tokens", args.max_new_tokens, 1),

@@ -6,7 +6,10 @@ Formats (a source's `format`, or `auto` from its columns):
               chosen / rejected are whole conversations and the prompt is their shared beginning (TRL's implicit form)
     ratings   prompt + completion + label (true/false, 1/0, up/down)
     feedback  the chat Space's records (chatbot/feedback.py): messages + reply + rating up/down/retried/kept/null;
-              the latest rating of a reply wins, null withdraws it; up/kept -> desirable, down/retried -> not
+              the latest rating of a reply wins, null withdraws it; up/kept -> desirable, down/retried -> not;
+              and its arena votes (training.data.arena_record, `"type": "arena"`), read from the same files: a
+              vote for A or B is a pair (the voted reply chosen), both_bad two undesirable replies, a tie nothing
+              (counted as tie_vote)
 
 Every row becomes judgements on a prompt: a pair, or a rated reply. Rows are grouped by prompt (the conversation
 before the reply, system prompt included) and whole groups are held out, so a held-out prompt is never trained on.
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 from training.data import (DROP_REASONS, DataConfig, DataError, DataReport, Drop, PreparedData, SourceConfig,
                            SourceReport, read_rows, source_name, validate)
+from training.data.arena_record import ARENA_DROP_REASONS, is_arena, parse_battle
 
 OBJECTIVES = ("sft", "dpo", "kto")
 PREFERENCE_FORMATS = ("auto", "pairs", "ratings", "feedback")
@@ -33,6 +37,7 @@ PREFERENCE_DROP_REASONS = {
     "same_reply": "chosen and rejected are the same text",
     "withdrawn": "a feedback rating the visitor took back (rating null), or replaced by a later one",
     "unpaired": "DPO: a rated reply with no reply of the opposite rating for the same prompt",
+    **ARENA_DROP_REASONS,
 }
 POSITIVE = {"up": True, "kept": True, "down": False, "retried": False}
 MESSAGE_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -47,7 +52,8 @@ def detect_preference_format(rows: list[Any], name: str = "source") -> str:
         return "pairs"
     if {"completion", "label"} <= keys:
         return "ratings"
-    if {"messages", "reply", "rating"} <= keys or {"messages", "reply"} <= keys:
+    if {"messages", "reply", "rating"} <= keys or {"messages", "reply"} <= keys \
+            or {"messages", "replies", "vote"} <= keys:  # arena votes only
         return "feedback"
     raise DataError(f"cannot detect the preference format of {name} from its columns {sorted(keys)}; accepted: "
                     "pairs (prompt, chosen, rejected), ratings (prompt, completion, label) or the Space's feedback "
@@ -147,6 +153,21 @@ def feedback_row(row: dict, system: str | None = None) -> tuple[list[dict], str,
     return _prompt(_messages(row["messages"]), reply, system), reply, None if rating is None else POSITIVE[rating]
 
 
+def arena_row(row: dict, system: str | None = None) -> tuple[list[dict], str | None, list[str]]:
+    """(prompt, the reply voted for or None, the undesirable replies) of one arena vote: A or B gives a pair,
+    both_bad two undesirable replies; Drop for a tie or a malformed record (training.data.arena_record)."""
+    battle = parse_battle(row)
+    if battle.vote == "tie":
+        raise Drop("tie_vote")
+    if battle.decided:
+        good, bad = _reply(battle.winner.text), _reply(battle.loser.text)
+        if good == bad:
+            raise Drop("same_reply")
+        return _prompt(_messages(battle.messages), good, system), good, [bad]
+    bad = [_reply(r.text) for r in battle.replies.values()]
+    return _prompt(_messages(battle.messages), bad[0], system), None, bad
+
+
 def prompt_key(prompt: list[dict]) -> str:
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
@@ -161,6 +182,7 @@ def read_judgements(src: SourceConfig, rows: list[Any], drops: Counter) -> tuple
     drops["invalid_json"] += sum(1 for r in rows if not isinstance(r, dict))
     pairs, ratings = [], []
     latest: dict[tuple[str, str], tuple[int, dict | None]] = {}  # feedback: the last rating of each reply wins
+    battles: set[str] = set()  # arena: the battle ids read, so a copied vote counts once
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             continue
@@ -171,6 +193,16 @@ def read_judgements(src: SourceConfig, rows: list[Any], drops: Counter) -> tuple
             elif fmt == "ratings":
                 prompt, completion, label = rating_row(row, src.system)
                 ratings.append({"prompt": prompt, "completion": completion, "label": label})
+            elif is_arena(row):
+                battle_id = parse_battle(row).battle_id
+                if battle_id in battles:
+                    raise Drop("duplicate_battle")
+                battles.add(battle_id)
+                prompt, good, bad = arena_row(row, src.system)
+                if good is not None:
+                    pairs.append({"prompt": prompt, "chosen": good, "rejected": bad[0]})
+                else:
+                    ratings += [{"prompt": prompt, "completion": reply, "label": False} for reply in bad]
             else:
                 prompt, reply, label = feedback_row(row, src.system)
                 key = (prompt_key(prompt), reply)

@@ -13,6 +13,7 @@ stops when the reservation runs out; the lock, the cancel event and the speed es
 """
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -146,12 +147,16 @@ class TransformersBackend:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (eos[0] if eos else 0)  # id 0 is a real pad token
         self.lock = threading.Lock()
         self._classes = _streamer_class()
         # (conversation key, token ids, their DynamicCache) of the last reply; never on ZeroGPU
         self.kept: tuple[str | None, list[int], object] | None = None
         self.speed = zerogpu.DecodeSpeed()  # ZeroGPU: measured decode rate, for the seconds a reply reserves
         self._gpu_reply = zerogpu.on_gpu(self._reply_on_gpu) if self.on_zerogpu else None
+        print(f"transformers backend: {self.placement.reason}"
+              + (" on ZeroGPU, a GPU attached for each reply" if self.on_zerogpu else ""), file=sys.stderr)
 
     def _cache_for(self, ids: list[int], conversation: str | None):
         """The kept cache, if it is this conversation's, cut back to the prefix it shares with `ids` (at least one
@@ -244,7 +249,7 @@ class TransformersBackend:
                     out = self.model.generate(
                         **inputs, max_new_tokens=params.max_new_tokens, streamer=streamer,
                         stopping_criteria=[stop_cls(cancel, closing)], eos_token_id=self.eos_ids,
-                        pad_token_id=self.tokenizer.pad_token_id or self.eos_ids[0], logits_processor=processors,
+                        pad_token_id=self.pad_id, logits_processor=processors,
                         return_dict_in_generate=True, **({"past_key_values": past} if past is not None else {}),
                         **({"max_time": max_time} if max_time is not None else {}), **sampling)
                 result["ids"] = out.sequences

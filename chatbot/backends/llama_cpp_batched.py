@@ -36,11 +36,11 @@ class BatchedLlamaCppBackend:
 
         path = resolve_gguf(settings.model, settings.gguf_file, settings.revision)
         shown = str(settings.model or path)
-        # llama-cpp-python forwards llama.cpp's log to stderr unless its logger is quiet (Llama(verbose=False) does this).
+        # llama-cpp-python forwards llama.cpp's log to stderr unless its logger is quiet (as Llama(verbose=False) sets).
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
-        model_params.use_extra_bufts = settings.llama_repack  # see llama_cpp.extra_buffers: AMX kernels crash on some VMs
+        model_params.use_extra_bufts = settings.llama_repack  # see llama_cpp.extra_buffers (AMX crashes on some VMs)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), model_params)
         if not self.model:
             raise ConfigError(f"CHATBOT_MODEL={shown!r} could not be loaded by llama.cpp; accepted: a valid GGUF "
@@ -100,7 +100,7 @@ class BatchedLlamaCppBackend:
                cancel: threading.Event | None = None) -> Iterator[Chunk]:
         rendered = self.formatter(messages=messages)
         prompt = self.tokenize(rendered.prompt)
-        if len(prompt) >= self.n_ctx:
+        if not prompt or len(prompt) >= self.n_ctx:
             raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx}")
         job = Job(prompt, max_new_tokens=min(params.max_new_tokens, self.n_ctx - len(prompt)),
                   chooser=SequenceSampler(params, self.n_vocab), stops=list(rendered.stop or []),

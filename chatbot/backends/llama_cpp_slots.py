@@ -169,8 +169,8 @@ class SlotScheduler:
                 slot.tokens, slot.pending, job.reused = job.prompt[:keep], job.prompt[keep:], keep
 
     def restore(self, seq: int, saved: SavedSequence, keep: int) -> bool:
-        buf = (ctypes.c_uint8 * len(saved.state)).from_buffer_copy(saved.state)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(saved.state), seq) == 0:
+        data = ctypes.cast(ctypes.c_char_p(saved.state), ctypes.POINTER(ctypes.c_uint8))  # read in place, no copy
+        if llama_cpp.llama_state_seq_set_data(self.ctx, data, len(saved.state), seq) == 0:
             llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
             return False
         if not llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1):  # a model whose memory cannot be cut
@@ -241,7 +241,7 @@ class SlotScheduler:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
-        return bytes(buf)[:n]
+        return bytes(memoryview(buf)[:n])
 
     def release(self, slot: Slot) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)

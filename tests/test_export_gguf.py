@@ -360,6 +360,21 @@ def test_bad_input_unknown_quant(tiny_llama_dir, tmp_path):
     assert "q4_k_m" in QUANTS and "\n" not in str(err.value)
 
 
+def test_no_quant_asked_for_is_said_as_such(tiny_llama_dir, tmp_path, capsys):
+    """`--export.gguf_quants []` in a run skips the export saying why, not as an unknown quant; the library call with
+    no quant names what it could have asked for."""
+    from training.config import TrainConfig, apply_overrides
+    from training.finetune import export_gguf_step
+
+    cfg = apply_overrides(TrainConfig(), {"export.gguf": True, "export.gguf_quants": "[]"})
+    assert cfg.export.gguf_quants == [] and export_gguf_step(cfg, tiny_llama_dir, tmp_path) == []
+    assert capsys.readouterr().out.strip() == ("[finetune] GGUF export skipped: no quant asked for "
+                                               "(export.gguf_quants is empty)")
+    with pytest.raises(ExportError, match="none asked for; name one or more of: .*q4_k_m") as err:
+        export_gguf(tiny_llama_dir, tmp_path / "out", [])
+    assert "unknown" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_bad_input_lora_adapter_dir(tiny_llama_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -172,6 +172,9 @@ def export_gguf_step(cfg: TrainConfig, merged_dir: Path, out: Path) -> list[Path
     """GGUF files from the merged model; an unsupported architecture is reported, not fatal."""
     if not cfg.export.gguf:
         return []
+    if not cfg.export.gguf_quants:
+        log("GGUF export skipped: no quant asked for (export.gguf_quants is empty)")
+        return []
     try:
         from training.export.gguf import ExportError, export_gguf
     except ModuleNotFoundError as exc:

@@ -78,8 +78,10 @@ def _check_inputs(model_dir: Path, quants: Sequence[str]) -> tuple[dict, list[st
         quants = [quants]
     names = [str(q).lower() for q in quants]
     bad = [q for q in names if q not in QUANTS]
-    if bad or not names:
-        raise ExportError(f"quant: unknown {', '.join(map(repr, bad)) or 'empty list'}; accepted: {', '.join(QUANTS)}")
+    if not names:
+        raise ExportError(f"quant: none asked for; name one or more of: {', '.join(QUANTS)}")
+    if bad:
+        raise ExportError(f"quant: unknown {', '.join(map(repr, bad))}; accepted: {', '.join(QUANTS)}")
     if not model_dir.is_dir():
         raise ExportError(f"model_dir: {str(model_dir)!r} is not a directory")
     if (model_dir / "adapter_config.json").is_file() and not _weight_files(model_dir):

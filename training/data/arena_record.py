@@ -19,8 +19,8 @@ optionally pushed to a Hub dataset); `"type": "arena"` tells the two apart (feed
      "vote": "A"}                                 # "A" | "B" | "tie" | "both_bad"
 
 What a reader accepts (`parse_battle`; anything else is skipped and counted under the reason in brackets):
-`type` is "arena"; `battle_id` a non-empty string, seen once (a repeated id is a copy of the same vote
-[duplicate_battle]); `replies` exactly two objects labelled "A" and "B", each with a `reply` string and a
+`type` is "arena"; `battle_id` a non-empty string [missing_field, bad_type], seen once (a repeated id is a copy
+of the same vote [duplicate_battle]); `replies` exactly two objects labelled "A" and "B", each with a `reply` string and a
 `model.name` that is a non-empty string [bad_replies]; `vote` one of VOTES [bad_vote]. `timestamp` and `sampling`
 are informative, and the other `model` fields say how to serve that model again (CHATBOT_BACKEND, CHATBOT_MODEL,
 CHATBOT_GGUF_FILE, CHATBOT_ADAPTER, CHATBOT_REVISION). Only battles the visitor decided are written: a battle with

@@ -1,10 +1,15 @@
 """The hardware decision over a table of real devices: precision, 4-bit dtypes, attention, packing, Liger and
-optimizer on CPU, T4, V100, A10G, L4, A100 and H100, and the overrides that win or fail with one line."""
+optimizer on CPU, T4, V100, A10G, L4, A100 and H100, and the overrides that win or fail with one line. Packing is
+checked against what each architecture really does with a packed row (tiny Llama, Qwen2, GPT-2, OPT, Bloom, MPT,
+LFM2), and the bases/recipes the merge could not reproduce are refused before anything runs."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from training.trainer.hardware import Device, PlanError, Request, decide
+from training.trainer.packing_check import packing_checks
+from training.trainer.shapes import build_random_model, shape_config
 
 ALL = frozenset({"bitsandbytes", "flash_attn", "liger_kernel"})
 BNB = frozenset({"bitsandbytes"})
@@ -37,8 +42,12 @@ EXPECTED = {
     "H100": ("qlora", "bf16", "bfloat16", "flash_attention_2", True, "adamw_8bit", True),
 }
 
-RECIPE = Request(mode="auto", packing=True, liger=True, optim="adamw_8bit", model_type="llama",
-                 tied_embeddings=True)
+# Model facts as modeling.plan_training measures them for a Llama base (packing checked on a toy copy).
+LLAMA_FACTS = dict(model_type="llama", tied_embeddings=True,
+                   attention_support=frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2",
+                                                "flash_attention_3", "flash_attention_4"}),
+                   packing_checks=packing_checks(shape_config("tiny-llama"), ["default", "flash"]))
+RECIPE = Request(mode="auto", packing=True, liger=True, optim="adamw_8bit", **LLAMA_FACTS)
 
 
 def _with(device: Device, packages=ALL) -> Device:
@@ -74,14 +83,15 @@ def test_liger_off_on_pre_ampere_and_cpu_with_reason():
     assert not plan.liger and "not installed" in plan.reasons["liger"]
 
 
-def test_liger_off_when_new_token_rows_train_on_tied_embeddings():
+def test_liger_off_when_new_token_rows_train():
     """Liger's fused loss multiplies by lm_head.weight itself: peft's trainable token rows (tied to the input
-    embedding) would be skipped in training but present after the merge."""
+    embedding, or lm_head's own rows on an untied base) would be skipped in training but present after the merge."""
     h100 = _with(DEVICES["H100"])
-    grown = Request(mode="auto", liger=True, model_type="llama", new_token_rows=3, tied_embeddings=True)
-    plan = decide(h100, grown)
-    assert not plan.liger and "3 token rows" in plan.reasons["liger"] and "lm_head.weight" in plan.reasons["liger"]
-    assert decide(h100, Request(mode="auto", liger=True, model_type="llama", new_token_rows=3)).liger  # untied
+    for tied in (True, False):
+        grown = Request(mode="auto", liger=True, model_type="llama", new_token_rows=3, tied_embeddings=tied)
+        plan = decide(h100, grown)
+        assert not plan.liger and "3 token rows" in plan.reasons["liger"] and "lm_head.weight" in plan.reasons["liger"]
+    assert decide(h100, Request(mode="auto", liger=True, model_type="llama")).liger
     on_head = decide(h100, Request(mode="auto", liger=True, model_type="llama", lora_on_lm_head=True))
     assert not on_head.liger and "lm_head" in on_head.reasons["liger"]
     other = decide(h100, Request(mode="auto", liger=True, model_type="gpt_neo"))
@@ -99,13 +109,119 @@ def test_flash_attention_needs_ampere_install_and_16_bit():
     assert decide(_with(DEVICES["T4"]), Request(attention="eager")).attention == "eager"
 
 
-def test_packing_only_where_attention_reads_position_ids():
+def _packed_row_keeps_conversations_apart(model) -> bool:
+    """The behaviour itself, on the full tiny model: the training collator's packed row vs each conversation alone."""
+    from training.trainer.packing import make_packing_collator
+
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, 250, (n,), generator=generator).tolist() for n in (7, 3, 11)]
+    batch = make_packing_collator()([{"input_ids": r, "labels": r} for r in rows])
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits[0] for r in rows])
+    return (packed - alone).abs().max().item() < 1e-5
+
+
+# OPT builds its mask (and learned positions) without the restarting position_ids, Bloom and MPT their ALiBi masks,
+# and LFM2's short convolutions mix the last tokens of one conversation into the next: packing must be off for them.
+PACKS = {"tiny-llama": True, "tiny-qwen2": True, "tiny-gpt2": True, "tiny-opt": False, "tiny-bloom": False,
+         "tiny-mpt": False, "tiny-lfm2": False}
+
+
+@pytest.mark.parametrize("shape", PACKS)
+def test_packing_follows_what_the_architecture_does(shape):
+    from training.config import TrainConfig
+    from training.trainer.modeling import plan_training
+    from training.trainer.progress import plan_lines
+
+    model = build_random_model(shape, vocab_size=256).eval()
+    model.config.use_cache = False
+    keeps_apart = _packed_row_keeps_conversations_apart(model)
+    assert keeps_apart is PACKS[shape]  # the architecture's real behaviour (not a table restated)
+    cfg = TrainConfig()
+    cfg.train.packing = True
+    plan = plan_training(cfg, config=model.config, device=_with(DEVICES["cpu"]))
+    assert plan.packing is keeps_apart
+    line = next(line for line in plan_lines(plan) if line.startswith("packing"))  # what the run prints
+    assert (f"packing    {'on' if keeps_apart else 'off'}: checked on a toy {model.config.model_type}" in line
+            and ("differ from its conversations alone" in line) is not keeps_apart), line
+
+
+def test_packing_needs_a_check_for_the_attention_it_runs():
     plan = decide(_with(DEVICES["H100"]), RECIPE)
-    assert plan.packing and "varlen" in plan.reasons["packing"]
+    assert plan.packing and "varlen kernel" in plan.reasons["packing"]
     assert "block-diagonal" in decide(_with(DEVICES["T4"]), RECIPE).reasons["packing"]
+    unchecked = decide(_with(DEVICES["H100"]), Request(packing=True, attention="flex_attention", **LLAMA_FACTS))
+    assert not unchecked.packing and "not checked" in unchecked.reasons["packing"]
     assert not decide(_with(DEVICES["H100"]), Request(packing=True, attention="paged_attention")).packing
+    assert not decide(_with(DEVICES["H100"]), Request(packing=True)).packing  # no model facts: not known to pack
     assert not decide(_with(DEVICES["H100"]), Request(packing=True, remote_code=True)).packing
     assert not decide(_with(DEVICES["H100"]), Request(packing=False)).packing
+
+
+def test_packing_with_flash_attention_is_checked_on_its_own_path():
+    """OPT's mask ignores packed position_ids, but it hands them (and the collator's cu_seq_lens) to its attention
+    call: under flash-attention's varlen kernel it packs correctly; Bloom does not support flash-attention at all."""
+    from training.config import TrainConfig
+    from training.trainer.modeling import plan_training
+
+    cfg = TrainConfig()
+    cfg.train.packing = True
+    h100 = _with(DEVICES["H100"])
+    opt = plan_training(cfg, config=shape_config("tiny-opt"), device=h100)
+    assert (opt.attention, opt.packing) == ("flash_attention_2", True) and "varlen" in opt.reasons["packing"]
+    bloom = plan_training(cfg, config=shape_config("tiny-bloom"), device=h100)
+    assert bloom.attention == "default" and "no flash-attention path for bloom" in bloom.reasons["attention"]
+    assert not bloom.packing
+
+
+def test_flash_attention_refused_where_the_model_or_gpu_has_none():
+    h100, a100 = _with(DEVICES["H100"]), _with(DEVICES["A100-80"])
+    bloom = dict(model_type="bloom", attention_support=frozenset({"eager"}))
+    with pytest.raises(PlanError, match=r"model\.attn_implementation=flash_attention_2 is not implemented for bloom "
+                                        r"models in transformers; accepted for this model: eager"):
+        decide(h100, Request(attention="flash_attention_2", **bloom))
+    with pytest.raises(PlanError, match=r"attn_implementation=sdpa is not implemented for bloom"):
+        decide(h100, Request(attention="sdpa", **bloom))
+    for fa in ("flash_attention_3", "flash_attention_4"):
+        with pytest.raises(PlanError, match=rf"{fa} needs a Hopper or newer GPU \(sm90\+\).*sm80.*flash_attention_2"):
+            decide(a100, Request(attention=fa, **LLAMA_FACTS))
+        assert decide(h100, Request(attention=fa, **LLAMA_FACTS)).attention == fa
+
+
+def test_bases_and_recipes_the_merge_could_not_reproduce_are_refused():
+    cpu = _with(DEVICES["cpu"])
+    for method in ("bitsandbytes", "fp8"):
+        with pytest.raises(PlanError, match=rf"already quantized \(quantization_config\.quant_method={method}\).*"
+                                            r"unquantized original") as exc:
+            decide(cpu, Request(quantized=method, **{**LLAMA_FACTS, "tied_embeddings": False}))
+        assert "\n" not in str(exc.value)
+    with pytest.raises(PlanError, match=r"lora\.target_modules includes the input embeddings while the chat template "
+                                        r"adds 2 tokens"):
+        decide(cpu, Request(lora_on_embeddings=True, new_token_rows=2, **LLAMA_FACTS))
+    assert decide(cpu, Request(lora_on_embeddings=True, **LLAMA_FACTS)).mode == "fp32"  # no new rows: fine
+
+
+def test_plan_training_reads_the_refusals_from_the_base(tmp_path):
+    """modeling.plan_training fills the Request from the base's config.json: a pre-quantized checkpoint and LoRA on
+    an embedding the template grows are refused from the files alone, before a weight is loaded."""
+    import json
+
+    from training.config import TrainConfig
+    from training.trainer.modeling import plan_training
+
+    config = shape_config("tiny-llama-untied", vocab_size=256)
+    config.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="quant_method=fp8"):
+        plan_training(TrainConfig(), str(tmp_path), device=_with(DEVICES["cpu"]))
+    cfg = TrainConfig()
+    cfg.lora.target_modules = ["q_proj", "embed_tokens"]
+    with pytest.raises(PlanError, match="drop the embedding layer from lora.target_modules"):
+        plan_training(cfg, config=config, new_token_ids=[254, 255], device=_with(DEVICES["cpu"]))
 
 
 def test_cpu_qlora_runs_with_fp32_compute_and_unpaged_8bit_adamw():

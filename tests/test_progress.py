@@ -28,7 +28,8 @@ def _drive(forecast: RunForecast, clock: FakeClock, step_seconds: list[float], s
 def test_plan_then_first_and_measured_estimates():
     plan = decide(Device(name="Tesla T4", capability=(7, 5), memory_gib=14.7,
                          packages=frozenset({"bitsandbytes", "liger_kernel"})),
-                  Request(packing=True, liger=True, optim="adamw_8bit"))
+                  Request(packing=True, liger=True, optim="adamw_8bit",
+                          packing_checks={"default": (True, "checked on a toy llama")}))
     lines, clock = [], FakeClock()
     forecast = RunForecast(plan, examples=1000, tokens=300_000, log=lines.append, warmup_steps=3, clock=clock)
     args = SimpleNamespace(gradient_accumulation_steps=4, per_device_train_batch_size=2, world_size=1)

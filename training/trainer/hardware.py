@@ -3,7 +3,9 @@
 `decide(device, request)` is pure: a `Device` (name, compute capability, memory, installed bitsandbytes /
 flash-attn / liger-kernel) and a `Request` (the recipe's choices and the model facts that matter) give a `Plan`:
 base weights, precision, 4-bit compute dtype, attention, packing, Liger and optimizer, each with its reason.
-`probe()` describes the real device. An explicit setting that cannot run there raises `PlanError` (one line).
+`probe()` describes the real device. An explicit setting that cannot run there, or a base and recipe whose trained
+model the merge could not reproduce, raises `PlanError` (one line) before anything is computed. Whether the model
+keeps packed sequences apart is measured on its architecture (training.trainer.packing_check), not assumed.
 The rules and why: each rule's function below; the table per GPU: README, "What the kit chooses on each GPU".
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from training.trainer.packing_check import FLASH_KEY
+
 # bitsandbytes' CPU backend warns at import that the optional `kernels` package (fetched from the Hub at run time)
 # is missing; its built-in CPU kernels are the ones this project runs and tests, so the line is only noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -21,10 +25,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 MODES = ("auto", "qlora", "lora", "bf16", "fp32")        # model.mode (bf16 = lora in bf16, the older name)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")           # model.precision
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# masking_utils.ALL_MASK_ATTENTION_FUNCTIONS (transformers 5.23): the paths that read packed position_ids.
-PACKING_SAFE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
-                          "flash_attention_4")
 FLASH = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+HOPPER_FLASH = ("flash_attention_3", "flash_attention_4")  # the wheels and kernels-community builds are sm90+
 
 
 class PlanError(ValueError):
@@ -67,7 +69,13 @@ class Request:
     new_token_rows: int = 0          # tokens the tokenizer grew (trained through peft's trainable tokens)
     tied_embeddings: bool = False
     lora_on_lm_head: bool = False
+    lora_on_embeddings: bool = False  # LoRA on the input embedding layer (embed_tokens, wte, ...)
     remote_code: bool = False        # trust_remote_code: modelling code transformers does not ship
+    quantized: str | None = None     # the base's quantization_config quant_method (a pre-quantized checkpoint)
+    attention_support: frozenset[str] | None = None  # attn_implementations the model class has (None = unknown)
+    # attention ("default", "eager", "sdpa", "flex_attention", FLASH_KEY) -> (packs correctly, why), measured by
+    # training.trainer.packing_check on the base's architecture; an attention not in it is not known to pack.
+    packing_checks: dict[str, tuple[bool, str]] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True)
@@ -137,13 +145,36 @@ def _precision(device: Device, mode: str, asked: str) -> tuple[str, str]:
                     "trainable weights in fp32")
 
 
+def _model_refusals(req: Request) -> None:
+    """Bases and recipes whose trained model the merge could not write: refused before anything runs."""
+    if req.quantized:
+        raise PlanError(f"model.name_or_path is already quantized (quantization_config.quant_method={req.quantized}): "
+                        "LoRA merged into its packed weights would not be the model trained; use the unquantized "
+                        "original (model.mode=qlora quantizes it to 4-bit here)")
+    if req.lora_on_embeddings and req.new_token_rows:
+        raise PlanError(f"lora.target_modules includes the input embeddings while the chat template adds "
+                        f"{req.new_token_rows} tokens, whose rows train as peft trainable tokens; peft 0.21.2 cannot "
+                        "put both on one layer: drop the embedding layer from lora.target_modules")
+
+
+def _flash_supported(req: Request) -> bool:
+    return req.attention_support is None or "flash_attention_2" in req.attention_support
+
+
 def _attention(device: Device, req: Request, precision: str) -> tuple[str, str]:
     has_fa = "flash_attn" in device.packages
     if req.attention:
+        if req.attention_support is not None and req.attention not in req.attention_support:
+            raise PlanError(f"model.attn_implementation={req.attention} is not implemented for {req.model_type} models "
+                            f"in transformers; accepted for this model: {', '.join(sorted(req.attention_support))}")
         if req.attention in FLASH:
             if not device.cuda or device.sm < 80:
                 raise PlanError(f"model.attn_implementation={req.attention} needs an Ampere or newer GPU (sm80+); "
                                 f"this is {device.describe()}: use sdpa")
+            if req.attention in HOPPER_FLASH and device.sm < 90:
+                raise PlanError(f"model.attn_implementation={req.attention} needs a Hopper or newer GPU (sm90+): its "
+                                f"wheels and kernels are built for sm90; this is {device.describe()}: use "
+                                "flash_attention_2")
             if req.attention == "flash_attention_2" and not has_fa:
                 raise PlanError("model.attn_implementation=flash_attention_2 needs flash-attn: "
                                 "pip install flash-attn (or use sdpa)")
@@ -152,7 +183,9 @@ def _attention(device: Device, req: Request, precision: str) -> tuple[str, str]:
                                 "use model.precision=bf16 (or sdpa)")
         return req.attention, "set by model.attn_implementation"
     if device.cuda and device.sm >= 80 and has_fa and precision in ("bf16", "fp16"):
-        return "flash_attention_2", "flash-attn installed, sm80+: varlen kernel, no mask"
+        if _flash_supported(req):
+            return "flash_attention_2", "flash-attn installed, sm80+: varlen kernel, no mask"
+        return "default", f"the architecture's default: transformers has no flash-attention path for {req.model_type}"
     if device.cuda and device.sm >= 80 and precision in ("bf16", "fp16"):
         return "default", "the architecture's default; pip install flash-attn for its varlen kernel"
     needs = ("16-bit compute" if device.cuda and device.sm >= 80 else f"sm80+, this is sm{device.sm}" if device.cuda
@@ -161,19 +194,17 @@ def _attention(device: Device, req: Request, precision: str) -> tuple[str, str]:
 
 
 def _packing(req: Request, attention: str) -> tuple[bool, str]:
-    # transformers 5 splits packed rows by their restarting position_ids only in masking_utils' attention paths
-    # (sdpa / eager / flex: a block-diagonal mask; flash: varlen), and only for a batch with no attention_mask
-    # and no cache, which is what training.trainer.packing's collator sends.
+    # transformers 5 splits packed rows by their restarting position_ids only where a model hands them to its mask
+    # (sdpa / eager / flex) or its attention call (flash varlen); some architectures do not (OPT, Bloom, MPT) or mix
+    # tokens outside attention (LFM2's convolutions). packing_check measures it on the base's own architecture.
     if not req.packing:
         return False, "train.packing=false: padded batches"
     if req.remote_code:
         return False, "trust_remote_code model: its attention may ignore packed position_ids; padded batches"
-    if attention in FLASH:
-        return True, f"{attention} varlen kernel: sequences split by position_ids, no mask, no padding"
-    if attention == "default" or attention in PACKING_SAFE_ATTENTION:
-        return True, ("block-diagonal causal mask from the restarting position_ids (transformers' masking_utils); "
-                      "no padding")
-    return False, f"attention {attention!r} does not read packed position_ids; padded batches"
+    check = (req.packing_checks or {}).get(FLASH_KEY if attention in FLASH else attention)
+    if check is None:
+        return False, f"not checked for this model with attention {attention!r}; padded batches"
+    return check
 
 
 def _liger(device: Device, req: Request) -> tuple[bool, str]:
@@ -187,9 +218,10 @@ def _liger(device: Device, req: Request) -> tuple[bool, str]:
         return False, f"sm{device.sm}: Liger's kernels are used here only on sm80+ (bf16-native GPUs)"
     if device.liger_model_types is not None and req.model_type and req.model_type not in device.liger_model_types:
         return False, f"Liger has no kernels for model type {req.model_type!r}"
-    if req.new_token_rows and req.tied_embeddings:
-        return False, (f"the tokenizer grew {req.new_token_rows} token rows, trained on tied embeddings: Liger's "
-                       "fused loss reads lm_head.weight directly and would skip them (the merge would not)")
+    if req.new_token_rows:
+        return False, (f"the tokenizer grew {req.new_token_rows} token rows, trained through peft's trainable tokens "
+                       "(lm_head's rows too): Liger's fused loss reads lm_head.weight directly and would skip them "
+                       "(the merge would not)")
     if req.lora_on_lm_head:
         return False, "LoRA on lm_head: Liger's fused loss reads lm_head.weight directly and would skip it"
     return True, "fused linear + cross-entropy (no full logits), RMSNorm, SwiGLU, RoPE kernels"
@@ -213,6 +245,7 @@ def decide(device: Device, req: Request) -> Plan:
         raise PlanError(f"model.mode={req.mode!r} is not valid; accepted: {', '.join(MODES)}")
     if req.precision not in PRECISIONS:
         raise PlanError(f"model.precision={req.precision!r} is not valid; accepted: {', '.join(PRECISIONS)}")
+    _model_refusals(req)
     mode, asked, why_mode = _mode(device, req)
     precision, why_precision = _precision(device, mode, asked)
     attention, why_attention = _attention(device, req, precision)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from training.config import LoraSection, ModelConfig, TrainConfig
-from training.trainer.hardware import Device, Plan, Request, decide, probe
+from training.trainer.hardware import FLASH, Device, Plan, Request, decide, probe
+from training.trainer.packing_check import FLASH_KEY
 
 
 def resolve_base(model: ModelConfig) -> tuple[str, str | None]:
@@ -71,30 +72,72 @@ def materialize_gguf_base(model: ModelConfig, out_dir: Path, tokenizer) -> str:
     return str(out_dir)
 
 
-def base_facts(base: str, trust_remote_code: bool = False) -> tuple[str | None, bool]:
-    """(model_type, tied input/output embeddings) from the base's config.json - the plan needs both."""
-    from transformers import AutoConfig
+OUTPUT_LAYERS = {"lm_head", "embed_out"}                             # LoRA targets that are the output layer
+INPUT_EMBEDDINGS = {"embed_tokens", "wte", "word_embeddings", "embed_in"}  # ... that are the input embeddings
 
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+
+def quantization_method(config) -> str | None:
+    """The quant_method of a pre-quantized checkpoint's quantization_config (bitsandbytes, fp8, gptq, ...), else None."""
+    quant = getattr(config, "quantization_config", None)
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method) or type(quant).__name__)
+
+
+def attention_support(config) -> frozenset[str] | None:
+    """The attn_implementations transformers has for this architecture's causal LM (None: not a built-in class)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    return frozenset({"eager"} | ({"sdpa"} if cls._supports_sdpa else set())
+                     | ({"flex_attention"} if cls._supports_flex_attn else set())
+                     | (set(FLASH) if cls._supports_flash_attn else set()))
+
+
+def model_facts(config, cfg: TrainConfig) -> dict:
+    """The hardware Request's fields that come from the base's config: architecture, tied embeddings, a pre-quantized
+    checkpoint, the attention implementations it has and, with train.packing, whether it keeps packed sequences
+    apart under each attention the plan may pick (measured on a toy copy: training.trainer.packing_check)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return config.model_type, bool(getattr(text, "tie_word_embeddings", False))
+    support = attention_support(config)
+    facts = dict(model_type=config.model_type, tied_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+                 quantized=quantization_method(config), attention_support=support)
+    if cfg.train.packing and not cfg.model.trust_remote_code and not facts["quantized"]:
+        from training.trainer.packing_check import packing_checks
+
+        wanted = [cfg.model.attn_implementation] if cfg.model.attn_implementation else ["default", "flash_attention_2"]
+        wanted = [a for a in wanted if a == "default" or support is None or a in support]
+        facts["packing_checks"] = packing_checks(config, [FLASH_KEY if a in FLASH else a for a in wanted])
+    return facts
 
 
 def plan_training(cfg: TrainConfig, base: str | None = None, new_token_ids=(), device: Device | None = None,
-                  mode: str | None = None) -> Plan:
-    """The hardware plan (training.trainer.hardware.decide) for this recipe and base on `device` (default: this machine)."""
-    model_type, tied = base_facts(base, cfg.model.trust_remote_code) if base else (None, False)
+                  mode: str | None = None, config=None) -> Plan:
+    """The hardware plan (training.trainer.hardware.decide) for this recipe and base (a dir / Hub id, or its loaded
+    `config`) on `device` (default: this machine). Raises PlanError for what cannot run or could not be merged."""
+    if config is None and base:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.model.trust_remote_code)
+    targets = set(cfg.lora.target_modules)
     request = Request(mode=mode or cfg.model.mode, precision=cfg.model.precision,
                       attention=cfg.model.attn_implementation, packing=cfg.train.packing, liger=cfg.train.use_liger,
-                      optim=cfg.train.optim, model_type=model_type, new_token_rows=len(new_token_ids),
-                      tied_embeddings=tied, remote_code=cfg.model.trust_remote_code,
-                      lora_on_lm_head=bool({"lm_head", "embed_out"} & set(cfg.lora.target_modules)))
+                      optim=cfg.train.optim, new_token_rows=len(new_token_ids),
+                      remote_code=cfg.model.trust_remote_code, lora_on_lm_head=bool(OUTPUT_LAYERS & targets),
+                      lora_on_embeddings=bool(INPUT_EMBEDDINGS & targets),
+                      **(model_facts(config, cfg) if config is not None else {}))
     return decide(device or probe(), request)
 
 
-def as_plan(plan_or_mode: Plan | str, cfg: TrainConfig) -> Plan:
-    """A Plan as is; a mode name (what the benchmarks pass) is decided here for this machine."""
-    return plan_or_mode if isinstance(plan_or_mode, Plan) else plan_training(cfg, mode=plan_or_mode)
+def as_plan(plan_or_mode: Plan | str, cfg: TrainConfig, model=None) -> Plan:
+    """A Plan as is; a mode name (what the benchmarks pass) is decided here for this machine and `model`'s config."""
+    if isinstance(plan_or_mode, Plan):
+        return plan_or_mode
+    return plan_training(cfg, mode=plan_or_mode, config=getattr(model, "config", None))
 
 
 def resolve_mode(mode: str) -> str:
@@ -142,11 +185,30 @@ def load_model_for_training(base: str, model: ModelConfig, lora: LoraSection, pl
     peft_cfg = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias, task_type="CAUSAL_LM",
         target_modules="all-linear" if target in (["all-linear"], "all-linear") else list(target),
-        # Rows of tokens the template/pad added are random: train just those rows of the embedding.
-        trainable_token_indices=list(new_token_ids) or None)
+        trainable_token_indices=trainable_token_rows(m, target, new_token_ids))
     peft_model = get_peft_model(m, peft_cfg)
     upcast_trainable(peft_model, getattr(torch, plan.trainable_dtype))
     return peft_model
+
+
+def trainable_token_rows(model, lora_targets, token_ids) -> list[int] | dict[str, list[int]] | None:
+    """peft's trainable_token_indices for the rows of the tokens the template added (their embeddings start as the
+    mean of the others): the input embedding's rows, and the output layer's too, so a new end-of-turn token can be
+    predicted. A tied base gets the list form (peft ties lm_head's rows to the embedding's); an untied one (Llama-3.1-8B,
+    Mistral, Qwen2.5-7B) names both layers - except an output layer LoRA already trains (peft cannot stack the two
+    on one layer), whose new rows then train through LoRA."""
+    if not token_ids:
+        return None
+    ids = list(token_ids)
+    text = model.config.get_text_config()
+    if getattr(text, "tie_word_embeddings", False):
+        return ids
+    short = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    rows = {short[model.get_input_embeddings()]: ids}
+    head = model.get_output_embeddings()
+    if head is not None and short[head] not in set(lora_targets):
+        rows[short[head]] = ids
+    return rows
 
 
 def keep_4bit_matmuls_differentiable(model) -> int:

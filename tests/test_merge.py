@@ -98,3 +98,202 @@ def test_small_shards_and_unsupported_adapters(tmp_path, tiny_llama_dir, trained
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     assert read_adapter(dora) == ({}, "DoRA, no adapter_model.safetensors")
+
+
+# ---------------------------------------------------------------- issue 22: what the merge must reproduce exactly
+
+def _random_adapter(model_dir, out_dir, targets, tokenizer=None, token_ids=None):
+    """A LoRA adapter on `model_dir` with random non-zero weights (B starts at zero otherwise), saved to `out_dir`;
+    returns the peft model itself: base + adapter, unmerged, the reference every merge must equal."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
+                                             trainable_token_indices=token_ids))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("targets, merge", [(["q_proj", "v_proj", "lm_head"], "merge_adapter"),
+                                            (["q_proj", "v_proj", "lm_head"], "merge_adapter_in_memory"),
+                                            (["embed_tokens"], "merge_adapter")])  # LoRA embedding: peft's merge
+def test_lora_on_a_tied_lm_head_or_embedding_merges_to_base_plus_adapter(tmp_path, tiny_llama_dir, targets, merge):
+    """SmolLM2 / Llama-3.2 tie lm_head to the embeddings: LoRA on either trains an output layer that differs from the
+    inputs. Adding it into the shared matrix (peft's merge) changed the inputs too; the merged model is untied."""
+    import training.export.merge as merging
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    reference = _random_adapter(tiny_llama_dir, tmp_path / "adapter", targets)
+    out = getattr(merging, merge)(str(tiny_llama_dir), tmp_path / "adapter", tmp_path / "merged", tokenizer, "float32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = [5, 17, 300, 4000, 12]
+    torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), rtol=0, atol=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    saved, base = _saved_tensors(out), _saved_tensors(tiny_llama_dir)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(saved)
+    changed = "lm_head.weight" if "lm_head" in targets else "model.embed_tokens.weight"
+    unchanged = ({"lm_head.weight", "model.embed_tokens.weight"} - {changed}).pop()
+    torch.testing.assert_close(saved[unchanged], base["model.embed_tokens.weight"], rtol=0, atol=0)
+    assert not torch.allclose(saved[changed], base["model.embed_tokens.weight"])
+
+
+def test_tied_lm_head_lora_with_new_token_rows(tmp_path, tiny_llama_dir):
+    """Tied base, LoRA on lm_head and the template's new token rows (peft nests them: LoRA(token rows(lm_head))):
+    both merges write the rows first, then B @ A, into an lm_head of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.export.merge import merge_adapter_in_memory
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new_turn|>"]}, replace_extra_special_tokens=False)
+    new_id = tokenizer.convert_tokens_to_ids("<|new_turn|>")
+    reference = _random_adapter(tiny_llama_dir, tmp_path / "adapter", ["q_proj", "lm_head"], tokenizer, [new_id])
+    ids = [5, 17, new_id, 300, new_id]
+    for merge in (merge_adapter, merge_adapter_in_memory):
+        out = merge(str(tiny_llama_dir), tmp_path / "adapter", tmp_path / merge.__name__, tokenizer, "float32")
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), rtol=0, atol=1e-5, msg=merge.__name__)
+
+
+def test_gguf_of_an_untied_merge_reads_both_matrices(tmp_path, tiny_llama_dir):
+    """The untied merge exports to GGUF (output.weight beside token_embd.weight) and llama.cpp computes its logits."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatbot.backends.llama_cpp import extra_buffers
+    from training.export.gguf import export_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    _random_adapter(tiny_llama_dir, tmp_path / "adapter", ["lm_head"])
+    out = merge_adapter(str(tiny_llama_dir), tmp_path / "adapter", tmp_path / "merged", tokenizer, "float32")
+    (f32,) = export_gguf(out, tmp_path / "gguf", ["f32"], progress=False, threads=1)
+    ids = [5, 17, 300, 4000, 12]
+    expected = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids)[-1].numpy()
+    with extra_buffers(False):
+        llm = llama_cpp.Llama(model_path=str(f32), n_ctx=64, n_threads=1, verbose=False)
+        llm.eval(ids)
+        got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+def test_a_reused_output_folder_keeps_no_file_of_the_earlier_merge(tmp_path, tiny_llama_dir, trained_adapter,
+                                                                   monkeypatch):
+    """A sharded merge after a single-file one (and back): transformers prefers an old model.safetensors over a new
+    index, so a leftover would be what loads; the folder must hold exactly the new merge."""
+    import training.export.merge as merging
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, adapter_dir, expected, _ = trained_adapter
+    out = tmp_path / "merged"
+    merge_adapter(str(tiny_llama_dir), adapter_dir, out, tokenizer, "bfloat16")
+    (out / "stray-from-an-older-kit.bin").write_text("x")
+    assert (out / "model.safetensors").is_file()
+    monkeypatch.setattr(merging, "MAX_SHARD_BYTES", 2_000_000)
+    merge_adapter(str(tiny_llama_dir), adapter_dir, out, tokenizer, "float32")
+    weights = sorted(p.name for p in out.iterdir() if "safetensors" in p.name or p.suffix == ".bin")
+    assert "model.safetensors" not in weights and "stray-from-an-older-kit.bin" not in weights
+    assert "model.safetensors.index.json" in weights and len(weights) > 2
+    assert not list(tmp_path.glob("merged.*"))  # no partial / old folder left beside it
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float32  # the new merge, not the earlier bf16 file
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight,
+                               expected["model.layers.0.self_attn.q_proj.weight"])
+    monkeypatch.setattr(merging, "MAX_SHARD_BYTES", 1 << 30)
+    merging.merge_adapter_in_memory(str(tiny_llama_dir), adapter_dir, out, tokenizer, "bfloat16")
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"]
+
+
+def test_untied_base_with_a_grown_vocabulary_trains_and_merges_the_new_lm_head_row(tmp_path, smollm2_tokenizer_dir):
+    """Llama-3.1-8B / Mistral / Qwen2.5-7B keep lm_head apart from the embeddings: the template's new end-of-turn
+    token must get a trained lm_head row (or the model cannot learn to stop), and the merge must carry both rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.config import LoraSection, ModelConfig
+    from training.trainer.modeling import load_model_for_training
+    from training.trainer.shapes import build_tiny_checkpoint
+
+    base = build_tiny_checkpoint("tiny-llama-untied", AutoTokenizer.from_pretrained(smollm2_tokenizer_dir),
+                                 tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end_turn|>"]}, replace_extra_special_tokens=False)
+    end = tokenizer.convert_tokens_to_ids("<|end_turn|>")
+    model = load_model_for_training(str(base), ModelConfig(gradient_checkpointing=False),
+                                    LoraSection(r=4, target_modules=["q_proj", "v_proj"]), "fp32", tokenizer, [end])
+    head = model.get_output_embeddings()
+    before = model(input_ids=torch.tensor([[1]])).logits[0, -1, end].item()
+    row_before = head.weight[end].detach().clone() if hasattr(head, "weight") else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.tensor([[5, 17, 300, end, 5, 17, 300, end]])
+    for _ in range(3):  # learn to predict the end-of-turn token
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.eval()
+    after = model(input_ids=torch.tensor([[1]])).logits[0, -1, end].item()
+    assert after != pytest.approx(before, abs=1e-3)
+    merged_rows = dict(model.get_output_embeddings().token_adapter.trainable_tokens_delta)
+    assert merged_rows, "lm_head has trainable token rows"
+    if row_before is not None:
+        assert not torch.allclose(merged_rows["default"][0], row_before)
+    model.save_pretrained(tmp_path / "adapter")
+
+    out = merge_adapter(str(base), tmp_path / "adapter", tmp_path / "merged", tokenizer, "float32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    probe = [5, 17, 300, end, 9]
+    torch.testing.assert_close(_logits(merged, probe), _logits(model, probe), rtol=0, atol=1e-5)
+    saved = _saved_tensors(out)
+    torch.testing.assert_close(saved["lm_head.weight"][end], merged_rows["default"][0].detach(), rtol=0, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("option", [{"init_lora_weights": "pissa"}, {"init_lora_weights": "pissa_niter_4"},
+                                    {"init_lora_weights": "olora"}, {"init_lora_weights": "corda"},
+                                    {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
+                                    {"lora_ga_config": {"direction": "ArB2r"}}])
+def test_adapters_that_changed_their_base_at_init_are_refused(tmp_path, tiny_llama_dir, trained_adapter, option):
+    from training.export.merge import MergeError, merge_adapter_in_memory
+
+    tokenizer, adapter_dir, _, _ = trained_adapter
+    changed = tmp_path / "adapter"
+    changed.mkdir()
+    (changed / "adapter_model.safetensors").symlink_to(adapter_dir / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (changed / "adapter_config.json").write_text(json.dumps({**config, **option}))
+    for merge in (merge_adapter, merge_adapter_in_memory):
+        with pytest.raises(MergeError, match=r"changes the base weights: merged into the original base it is not the "
+                                             r"model trained") as exc:
+            merge(str(tiny_llama_dir), changed, tmp_path / "merged", tokenizer, "float32")
+        assert "\n" not in str(exc.value) and not (tmp_path / "merged").exists()
+
+
+def test_a_pre_quantized_base_is_refused(tmp_path, tiny_llama_dir, trained_adapter):
+    import shutil
+
+    from training.export.merge import MergeError
+
+    tokenizer, adapter_dir, _, _ = trained_adapter
+    base = tmp_path / "fp8-base"
+    shutil.copytree(tiny_llama_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match=r"the base is quantized \(quantization_config\.quant_method=fp8\)"):
+        merge_adapter(str(base), adapter_dir, tmp_path / "merged", tokenizer, "float32")
+    assert not (tmp_path / "merged").exists()

@@ -98,6 +98,51 @@ def test_settings_that_cannot_run(tmp_path, tiny_llama_dir, capsys, override, ex
     assert expected in line
 
 
+def test_a_pre_quantized_base_is_refused_before_any_compute(tmp_path, tiny_llama_dir, capsys):
+    """An FP8 / bitsandbytes checkpoint: the merge would add LoRA to its packed weights. Refused from config.json,
+    before the data is read or a weight is loaded (no data report written)."""
+    import shutil
+
+    base = tmp_path / "fp8-base"
+    shutil.copytree(tiny_llama_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (base / "config.json").write_text(json.dumps(config))
+    line = _one_line_exit_2(capsys, ["--config", str(_recipe(tmp_path, base))])
+    assert "model.name_or_path is already quantized (quantization_config.quant_method=fp8)" in line
+    assert not (tmp_path / "out" / "data_report.json").exists()
+
+
+def test_lora_on_an_embedding_the_template_grows_is_refused(tmp_path, scaled_tiny_llama_without_template_dir,
+                                                            capsys):
+    """A recipe template whose turn markers the base lacks adds tokens whose rows train as peft trainable tokens; LoRA
+    on the same embedding cannot be combined with them (peft 0.21.2 raises deep in get_peft_model, after the data
+    is prepared)."""
+    template = tmp_path / "turns.jinja"
+    template.write_text("{% for m in messages %}<|turn|>{{ m['role'] }}\n{{ m['content'] }}<|turn_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|turn|>assistant\n{% endif %}")
+    recipe = _recipe(tmp_path, scaled_tiny_llama_without_template_dir, **{"model.chat_template": str(template)})
+    line = _one_line_exit_2(capsys, ["--config", str(recipe), "--lora.target_modules", "q_proj,embed_tokens"])
+    assert "lora.target_modules includes the input embeddings while the chat template adds" in line
+    assert not (tmp_path / "out" / "data_report.json").exists()
+
+
+def test_a_merge_refusal_is_one_line():
+    """merge.MergeError (an adapter initialised by changing its base, a quantized base) is a user mistake, also when
+    it surfaces wrapped in another exception."""
+    from training.export.merge import MergeError
+    from training.user_errors import explain
+
+    refusal = MergeError("the adapter in a was initialised with init_lora_weights=pissa, which changes the base weights")
+    try:
+        try:
+            raise refusal
+        except MergeError as exc:
+            raise RuntimeError("export failed") from exc
+    except RuntimeError as wrapped:
+        assert explain(wrapped) == str(refusal)
+
+
 def test_out_of_memory_at_the_first_step(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     """What torch raises when the CUDA caching allocator gives up, raised from the first training step."""
     from transformers import Trainer

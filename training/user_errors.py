@@ -49,6 +49,7 @@ def explain(exc: BaseException, cfg=None) -> str | None:
     from training.chat_format import TemplateError
     from training.config import ConfigError
     from training.data import DataError
+    from training.export.merge import MergeError
     from training.trainer.hardware import PlanError
 
     chain = list(_chain(exc))
@@ -62,7 +63,7 @@ def explain(exc: BaseException, cfg=None) -> str | None:
                 e, hub.OfflineModeIsEnabled) else "no connection"
             return (f"upload to hub.push_to_hub={push} failed ({why}): set HF_TOKEN to a token with write access and "
                     f"go online; the trained files are in {cfg.train.output_dir}")
-        if isinstance(e, (ConfigError, PlanError, DataError, TemplateError)):
+        if isinstance(e, (ConfigError, PlanError, DataError, TemplateError, MergeError)):
             return _one_line(e)
         if isinstance(e, torch.OutOfMemoryError):  # the CUDA caching allocator's (torch.cuda.OutOfMemoryError)
             return _oom(cfg)

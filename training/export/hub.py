@@ -6,6 +6,8 @@ transformers), the GGUF files at the root too (`CHATBOT_GGUF_FILE=*q4_k_m.gguf`)
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import re
 import shutil
@@ -16,6 +18,10 @@ from typing import Any
 import yaml
 
 RUN_FILES = ("summary.json", "loss.png", "data_report.json", "data_lengths.png", "config.yaml")
+# What a loader picks up from a repo's root (weights, shard indexes, GGUF files) and the adapter folder: a push
+# deletes those an earlier push left and this one does not replace (a stale single model.safetensors would be
+# loaded instead of a new sharded index).
+MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.gguf", "*.pt", "*.pth")
 
 
 def hf_token() -> str | None:
@@ -33,7 +39,7 @@ def upload_plan(out_dir: str | Path, include_checkpoints: bool = False) -> list[
                 plan.append((f, remote_prefix + f.relative_to(local).as_posix()))
 
     add_tree(out / "merged", "")
-    for f in sorted((out / "gguf").glob("*.gguf")) if (out / "gguf").is_dir() else []:
+    for f in run_gguf_files(out):
         plan.append((f, f.name))
     add_tree(out / "adapter", "adapter/")
     for name in RUN_FILES:
@@ -45,6 +51,24 @@ def upload_plan(out_dir: str | Path, include_checkpoints: bool = False) -> list[
     if (out / "README.md").is_file():
         plan.append((out / "README.md", "README.md"))
     return plan
+
+
+def run_gguf_files(out: Path) -> list[Path]:
+    """The GGUF files this run exported (summary.json's gguf_files), not those an earlier run left in OUT/gguf;
+    every *.gguf there when the summary does not say."""
+    found = sorted((out / "gguf").glob("*.gguf")) if (out / "gguf").is_dir() else []
+    try:
+        names = json.loads((out / "summary.json").read_text())["gguf_files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return found
+    return [f for f in found if f.name in set(names)]
+
+
+def stale_remote_files(remote: list[str], plan: list[tuple[Path, str]]) -> list[str]:
+    """Model files in the repo (root weights / GGUF, adapter/) that the upload `plan` does not replace."""
+    current = {path for _, path in plan}
+    return sorted(f for f in remote if f not in current and (
+        f.startswith("adapter/") or ("/" not in f and any(fnmatch.fnmatch(f, p) for p in MODEL_FILES))))
 
 
 def _gguf_pattern(summary: dict) -> str | None:
@@ -143,17 +167,21 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def push_run(out_dir: str | Path, repo_id: str, private: bool = False, include_checkpoints: bool = False) -> str:
-    """Upload the run (see upload_plan) in one commit; returns the repo URL."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    """Upload the run (see upload_plan) in one commit that also deletes the model files an earlier push left and this
+    one does not replace (stale_remote_files); run records and checkpoints stay. Returns the repo URL."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     plan = upload_plan(out_dir, include_checkpoints)
     if not plan:
         raise ValueError(f"nothing to upload in {out_dir}")
     api = HfApi(token=hf_token())
     url = api.create_repo(repo_id, private=private, exist_ok=True)
+    stale = stale_remote_files(api.list_repo_files(repo_id), plan)
     api.create_commit(repo_id, operations=[CommitOperationAdd(path_in_repo=remote, path_or_fileobj=str(local))
-                                           for local, remote in plan],
-                      commit_message=f"Upload fine-tuned model ({len(plan)} files)")
+                                           for local, remote in plan]
+                      + [CommitOperationDelete(path_in_repo=f) for f in stale],
+                      commit_message=f"Upload fine-tuned model ({len(plan)} files"
+                                     + (f", {len(stale)} stale removed)" if stale else ")"))
     return str(url)
 
 

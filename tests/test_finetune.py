@@ -271,6 +271,9 @@ def test_model_card_and_upload_plan(tmp_path, monkeypatch):
             calls["repo"] = (repo_id, private, exist_ok)
             return f"https://huggingface.co/{repo_id}"
 
+        def list_repo_files(self, repo_id):  # a new repo: nothing stale to delete
+            return []
+
         def create_commit(self, repo_id, operations, commit_message):
             calls["ops"] = [(op.path_in_repo, op.path_or_fileobj) for op in operations]
 

@@ -15,6 +15,8 @@ figures are the app's own stats line (backend decode speed and time to first tok
 The same app is also timed through Gradio's plain HTTP streaming API (POST /gradio_api/call/chat, then
 its server-sent events), as a curl or browser-like client sees it, to tell server overhead from client overhead.
 On a shared machine use --threads 1: llama.cpp's threads spin at barriers and collapse when oversubscribed.
+Both sides get the same settings (this shell's CHATBOT_* variables are not used, but CHATBOT_LLAMA_REPACK); the
+app's inputs are built from its own API description (benchmarks/chat_app.py).
 """
 from __future__ import annotations
 
@@ -25,17 +27,16 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
+    import repo_root  # noqa: F401
 
-from chatbot.model_files import embedded_gguf_path  # noqa: E402
-from chatbot.settings import load_settings  # noqa: E402
-from chatbot.timing import ReplyClock, decode_rate  # noqa: E402
-from tools.ports import free_port  # noqa: E402
+from benchmarks.chat_app import chat_inputs, chat_parameters, start_app, stop_app, stream_over_http
+from chatbot.model_files import embedded_gguf_path
+from chatbot.settings import load_settings
+from chatbot.timing import ReplyClock, decode_rate
+from training.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Write a detailed essay about the history of computers, from the abacus to smartphones."
 
 
@@ -43,23 +44,32 @@ def system_prompt(run: int | str) -> str:
     return f"Session {run}. You are a helpful assistant."
 
 
-def load_raw(threads: int | None):
+def app_settings(threads: int | None, max_new_tokens: int) -> dict[str, str]:
+    """The CHATBOT_* settings of both sides: the embedded model through llama.cpp."""
+    return {"CHATBOT_BACKEND": "llama_cpp", "CHATBOT_MAX_NEW_TOKENS": str(max_new_tokens),
+            **({"CHATBOT_THREADS": str(threads)} if threads else {}),
+            **{k: v for k, v in os.environ.items() if k == "CHATBOT_LLAMA_REPACK"}}
+
+
+def load_raw(threads: int | None, max_new_tokens: int):
     from llama_cpp import Llama
 
     from chatbot.backends.llama_cpp import extra_buffers
 
-    settings = load_settings({**os.environ, **({"CHATBOT_THREADS": str(threads)} if threads else {})})
+    settings = load_settings(app_settings(threads, max_new_tokens))
     # Same construction as the backend, including the extra-buffer setting (AMX crashes on some VMs).
     with extra_buffers(settings.llama_repack):
         return Llama(model_path=str(embedded_gguf_path()), n_ctx=settings.n_ctx, n_threads=settings.threads,
-                     n_threads_batch=settings.threads, verbose=False)
+                     n_threads_batch=settings.threads, verbose=False), settings
 
 
-def raw_run(llm, run: int, max_new_tokens: int) -> dict:
+def raw_run(llm, settings, run: int, max_new_tokens: int) -> dict:
+    """Greedy, with the app's default min-p and repetition penalty (the app run leaves those to its sliders)."""
     messages = [{"role": "system", "content": system_prompt(run)}, {"role": "user", "content": PROMPT}]
     clock, text = ReplyClock(), ""
     for chunk in llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_new_tokens,
-                                            temperature=0.0):
+                                            temperature=0.0, top_p=0.9, min_p=settings.min_p,
+                                            repeat_penalty=settings.repeat_penalty):
         piece = chunk["choices"][0]["delta"].get("content")
         if piece:
             clock.add(piece)
@@ -70,17 +80,17 @@ def raw_run(llm, run: int, max_new_tokens: int) -> dict:
 def raw_worker(threads: int | None, max_new_tokens: int) -> None:
     """--raw-worker: one process holding a raw Llama, like app.py holds its backend; a run index per stdin line,
     one JSON result per stdout line. Both sides in their own process keep the comparison symmetric."""
-    llm = load_raw(threads)
+    llm, settings = load_raw(threads, max_new_tokens)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        print(json.dumps(raw_run(llm, int(line), max_new_tokens)), flush=True)
+        print(json.dumps(raw_run(llm, settings, int(line), max_new_tokens)), flush=True)
 
 
 def start_raw(threads: int | None, max_new_tokens: int) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--raw-worker", "--max-new-tokens", str(max_new_tokens)]
     if threads:
         cmd += ["--threads", str(threads)]
-    worker = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     json.loads(worker.stdout.readline())
     return worker
 
@@ -91,39 +101,19 @@ def ask_raw(worker: subprocess.Popen, run: int) -> dict:
     return json.loads(worker.stdout.readline())
 
 
-def start_app(threads: int | None, max_new_tokens: int):
-    """python app.py in its own process, as on a Space; returns (process, url) once it answers."""
-    from gradio_client import Client
-
-    port = free_port()
-    env = {**os.environ, "CHATBOT_BACKEND": "llama_cpp", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "CHATBOT_MAX_NEW_TOKENS": str(max_new_tokens)}
-    if threads:
-        env["CHATBOT_THREADS"] = str(threads)
-    env.pop("CHATBOT_MODEL", None)
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            Client(url, verbose=False)
-            return server, url
-        except Exception:
-            if server.poll() is not None:
-                sys.exit(f"app.py exited: {server.stderr.read()}")
-            if time.time() > deadline:
-                server.terminate()
-                sys.exit("app.py did not start within 180 s")
-            time.sleep(0.5)
+def app_inputs(parameters: list[dict], system: str, max_new_tokens: int) -> list:
+    """The /chat inputs of one run: greedy, the app's defaults for everything not named here."""
+    return chat_inputs(parameters, message=PROMPT, system_prompt=system, temperature=0.0, top_p=0.9,
+                       max_new_tokens=max_new_tokens)
 
 
-def app_run(url: str, run: int, max_new_tokens: int) -> dict:
+def app_run(url: str, parameters: list[dict], run: int, max_new_tokens: int) -> dict:
     from gradio_client import Client
 
     client = Client(url, verbose=False)  # a new session per run: no chat history carried over
+    inputs = app_inputs(parameters, system_prompt(run), max_new_tokens)
     start = time.perf_counter()
-    job = client.submit(PROMPT, system_prompt(run), 0.0, 0.9, max_new_tokens, api_name="/chat")
+    job = client.submit(*inputs, api_name="/chat")
     first = last = None
     text = ""
     stats = ""
@@ -136,31 +126,22 @@ def app_run(url: str, run: int, max_new_tokens: int) -> dict:
     return dict(ttft=first - start, first=first, last=last, text=text, stats=stats)
 
 
-def app_http_run(url: str, run: int, max_new_tokens: int) -> dict:
+def app_http_run(url: str, parameters: list[dict], run: int, max_new_tokens: int) -> dict:
     """The same request through Gradio's REST API: POST the inputs, then read the event stream.
 
     Its own system prompt, so llama.cpp cannot reuse the gradio_client run's prompt cache; the token count
     comes from the app's stats line, since this reply may differ from raw's."""
-    import httpx
-
-    start = time.perf_counter()
+    inputs = app_inputs(parameters, system_prompt(f"{run}-http"), max_new_tokens)
     first = last = None
     text = stats = ""
-    with httpx.Client(timeout=120) as http:
-        event = http.post(f"{url}gradio_api/call/chat",
-                          json={"data": [PROMPT, system_prompt(f"{run}-http"), 0.0, 0.9, max_new_tokens]}
-                          ).json()["event_id"]
-        with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
-            for line in events.iter_lines():
-                if not line.startswith("data:") or line[5:].strip() in ("", "null"):
-                    continue
-                data = json.loads(line[5:])  # [reply, (ChatInterface's hidden state), stats line]
-                reply, stats = data[0], data[-1]
-                if reply and reply != text:
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    text = reply
+    start = time.perf_counter()
+    for data in stream_over_http(url, inputs):  # [reply, (ChatInterface's hidden state), stats line]
+        reply, stats = data[0], data[-1]
+        if reply and reply != text:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            text = reply
     tokens = int(stats.split(" tokens", 1)[0])
     return dict(ttft=first - start, tokens=tokens, tps=decode_rate(tokens - 1, last - first), stats=stats)
 
@@ -198,14 +179,16 @@ def main() -> None:
         return raw_worker(args.threads, args.max_new_tokens)
 
     # Raw and app runs alternate, so both see the same machine load (a shared CI box drifts a lot).
-    server, url = start_app(args.threads, args.max_new_tokens)
+    server, url = start_app(app_settings(args.threads, args.max_new_tokens))
     worker = None
     try:
+        parameters = chat_parameters(url)
         worker = start_raw(args.threads, args.max_new_tokens)
         raw, app, http = [], [], []
         for run in range(-1, args.runs):  # run -1 warms both up (page cache, allocations), not reported
             r = ask_raw(worker, run)
-            a, h = app_run(url, run, args.max_new_tokens), app_http_run(url, run, args.max_new_tokens)
+            a = app_run(url, parameters, run, args.max_new_tokens)
+            h = app_http_run(url, parameters, run, args.max_new_tokens)
             # Greedy decoding: the app returns the very text raw produced, i.e. the same number of tokens.
             a["tokens"] = r["tokens"]
             a["tps"] = decode_rate(r["tokens"] - 1, a["last"] - a["first"])
@@ -222,8 +205,7 @@ def main() -> None:
         if worker is not None:
             worker.stdin.close()
             worker.wait(30)
-        server.terminate()
-        server.wait(30)
+        stop_app(server)
 
     def median(rows, key):
         return statistics.median(row[key] for row in rows)

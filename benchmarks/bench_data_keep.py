@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
+    import repo_root  # noqa: F401
+
 TARGET = 0.95
 
 USER_NAMES = ["human"] * 8 + ["user", "prompter"]

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_export.py                      # both models, f16 q8_0 q4_k_m
     python benchmarks/bench_export.py --models smollm2     # just the small one
+    python benchmarks/bench_export.py --models tiny-llama --quants q8_0 --threads 1   # smoke: the code path only
 
 Each export runs as its own `python training/export_gguf.py` child; its peak RSS is the child's
 ru_maxrss from os.wait4 (the whole run: imports, f16 writing, llama.cpp quantisation). The target from
@@ -20,8 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
+    import repo_root  # noqa: F401
+
+from training.paths import REPO_ROOT
+
 TARGET_RATIO = 1.5
 
 
@@ -46,12 +50,13 @@ def _random_dir(shape: str, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatbot.model_files import embedded_gguf_path
-    from training.trainer.shapes import shape_config
+    from training.trainer.shapes import SHAPES, shape_config
 
     gguf = embedded_gguf_path()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
-    config = shape_config(shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vocab = {} if SHAPES[shape].get("vocab_size", 0) >= len(tok) else {"vocab_size": len(tok)}  # tiny shapes
+    config = shape_config(shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **vocab)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # built in bf16: half the RAM
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -115,7 +120,7 @@ def main() -> int:
         fp16 = _fp16_bytes(model_dir)
         for quant in args.quants:
             out = work / f"{name}-gguf"
-            wall, rss, rc = _run([sys.executable, str(REPO / "training" / "export_gguf.py"), "--model", str(model_dir),
+            wall, rss, rc = _run([sys.executable, str(REPO_ROOT / "training" / "export_gguf.py"), "--model", str(model_dir),
                                   "--out", str(out), "--quant", quant, "--threads", str(args.threads)])
             size = (out / f"model-{quant}.gguf").stat().st_size if rc == 0 else 0
             rows.append((name, quant if rc == 0 else f"{quant} FAILED", wall, rss, fp16, size))
@@ -137,7 +142,7 @@ def main() -> int:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if any("FAILED" in row[1] for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -12,20 +12,18 @@ same 2-core box does in benchmarks/bench_app.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
+    import repo_root  # noqa: F401
 
-import chatbot.ui as ui  # noqa: E402
-from chatbot.backends import load_backend  # noqa: E402
-from chatbot.settings import load_settings  # noqa: E402
-from tools.ports import free_port  # noqa: E402
+import chatbot.ui as ui
+from benchmarks.chat_app import chat_inputs, chat_parameters, stream_over_http
+from chatbot.backends import load_backend
+from chatbot.settings import load_settings
+from tools.ports import free_port
 
 PROMPT = "Explain what a large language model is."
 STAGES = ("function starts", "backend first text", "app yields it", "client sees it")
@@ -51,17 +49,18 @@ def instrument(backend, marks: dict) -> None:
     backend.stream, ui.stream_reply = timed_stream, timed_stream_reply
 
 
-def over_http(url: str, run: int, max_new_tokens: int) -> float:
-    import httpx
+def inputs(url: str, run: int, max_new_tokens: int) -> list:
+    """Greedy, its own system prompt per run (no prompt cache reused), the app's defaults for the rest."""
+    return chat_inputs(chat_parameters(url), message=PROMPT, system_prompt=f"Session {run}.", temperature=0.0,
+                       top_p=0.9, max_new_tokens=max_new_tokens)
 
-    with httpx.Client(timeout=120) as http:
-        start = time.perf_counter()
-        event = http.post(f"{url}gradio_api/call/chat",
-                          json={"data": [PROMPT, f"Session {run}.", 0.0, 0.9, max_new_tokens]}).json()["event_id"]
-        with http.stream("GET", f"{url}gradio_api/call/chat/{event}") as events:
-            for line in events.iter_lines():
-                if line.startswith("data:") and line[5:].strip() not in ("", "null") and json.loads(line[5:])[0]:
-                    return start
+
+def over_http(url: str, run: int, max_new_tokens: int) -> float:
+    data = inputs(url, run, max_new_tokens)
+    start = time.perf_counter()
+    for outputs in stream_over_http(url, data):
+        if outputs[0]:
+            return start
     raise RuntimeError("no text arrived")
 
 
@@ -69,8 +68,9 @@ def over_gradio_client(url: str, run: int, max_new_tokens: int) -> float:
     from gradio_client import Client
 
     client = Client(url, verbose=False)  # a new session per run, as bench_app does: no history carried over
+    data = inputs(url, run, max_new_tokens)
     start = time.perf_counter()
-    for reply, _ in client.submit(PROMPT, f"Session {run}.", 0.0, 0.9, max_new_tokens, api_name="/chat"):
+    for reply, _ in client.submit(*data, api_name="/chat"):
         if reply:
             return start
     raise RuntimeError("no text arrived")

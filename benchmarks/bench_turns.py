@@ -23,20 +23,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
+    import repo_root  # noqa: F401
 
-from chatbot.backends import GenerationParams, load_backend  # noqa: E402
-from chatbot.settings import DEFAULT_SYSTEM_PROMPT, load_settings  # noqa: E402
-from chatbot.timing import ReplyClock  # noqa: E402
-from tools.ports import free_port  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.chat_app import chat_inputs, chat_parameters, start_app, stop_app
+from chatbot.backends import GenerationParams, load_backend
+from chatbot.settings import DEFAULT_SYSTEM_PROMPT, load_settings
+from chatbot.timing import ReplyClock
 
 # Ten user turns of everyday lengths (about 10 to 90 words), a conversation that builds on itself.
 TURNS = [
@@ -117,35 +112,18 @@ def ask(backend, messages: list[dict], params: GenerationParams) -> tuple[float,
     return clock.ttft or 0.0, text, finish
 
 
-def start_app(threads: int, cache_mb: int, n_ctx: int, reply_tokens: int):
-    from gradio_client import Client
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATBOT_", "GRADIO_"))}
-    env.update(CHATBOT_THREADS=str(threads), CHATBOT_CACHE_MB=str(cache_mb), CHATBOT_N_CTX=str(n_ctx),
-               CHATBOT_PARALLEL="1",  # the serial backend's cache
-               CHATBOT_MAX_NEW_TOKENS=str(reply_tokens), CHATBOT_TEMPERATURE="0", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    if "CHATBOT_LLAMA_REPACK" in os.environ:
-        env["CHATBOT_LLAMA_REPACK"] = os.environ["CHATBOT_LLAMA_REPACK"]
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 180
-    while True:
-        try:
-            Client(url, verbose=False)
-            return proc, url
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                sys.exit(f"app.py (cache {cache_mb} MB) did not start: {proc.stderr.read()[-2000:]}")
-            time.sleep(0.5)
+def app_settings(threads: int, cache_mb: int, n_ctx: int, reply_tokens: int) -> dict[str, str]:
+    return {"CHATBOT_BACKEND": "llama_cpp", "CHATBOT_THREADS": str(threads), "CHATBOT_CACHE_MB": str(cache_mb),
+            "CHATBOT_N_CTX": str(n_ctx), "CHATBOT_PARALLEL": "1",  # the serial backend's cache
+            "CHATBOT_MAX_NEW_TOKENS": str(reply_tokens), "CHATBOT_TEMPERATURE": "0"}
 
 
-def ask_app(client, message: str, reply_tokens: int) -> float:
+def ask_app(client, parameters: list[dict], message: str, reply_tokens: int) -> float:
     """TTFT through the app: submit → first non-empty reply text seen by the client (the app keeps the history)."""
+    inputs = chat_inputs(parameters, message=message, system_prompt=DEFAULT_SYSTEM_PROMPT, temperature=0.0,
+                         top_p=0.9, max_new_tokens=reply_tokens)
     start, first = time.perf_counter(), None
-    for reply, _stats in client.submit(message, DEFAULT_SYSTEM_PROMPT, 0.0, 0.9, reply_tokens, api_name="/chat"):
+    for reply, _stats in client.submit(*inputs, api_name="/chat"):
         if reply and first is None:
             first = time.perf_counter()
     return (first or time.perf_counter()) - start
@@ -155,12 +133,13 @@ def turns_table(args) -> None:
     greedy = GenerationParams(max_new_tokens=args.reply_tokens, temperature=0.0,
                               repeat_penalty=load_settings({}).repeat_penalty)  # what the app uses
     cached, plain = backend_for(args.threads, args.cache_mb, args.n_ctx), backend_for(args.threads, 0, args.n_ctx)
-    apps, clients = [], {}
+    apps, clients, parameters = [], {}, []
     if args.app_visitors:
         from gradio_client import Client
 
         for cache_mb in (args.cache_mb, 0):
-            apps.append(start_app(args.threads, cache_mb, args.n_ctx, args.reply_tokens))
+            apps.append(start_app(app_settings(args.threads, cache_mb, args.n_ctx, args.reply_tokens)))
+        parameters = [chat_parameters(url) for _, url in apps]
         clients = {(v, i): Client(url, verbose=False) for v in range(args.app_visitors)
                    for i, (_, url) in enumerate(apps)}
     histories = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] for _ in range(args.visitors)]
@@ -185,15 +164,15 @@ def turns_table(args) -> None:
                 ttft["backend, cache on"].setdefault(v, []).append(t_on)
                 ttft["backend, cache off"].setdefault(v, []).append(t_off)
                 if v < args.app_visitors:
-                    ttft["app, cache on"].setdefault(v, []).append(ask_app(clients[v, 0], message, args.reply_tokens))
-                    ttft["app, cache off"].setdefault(v, []).append(ask_app(clients[v, 1], message, args.reply_tokens))
+                    for i, key in enumerate(("app, cache on", "app, cache off")):
+                        ttft[key].setdefault(v, []).append(ask_app(clients[v, i], parameters[i], message,
+                                                                   args.reply_tokens))
                 histories[v] = messages + [{"role": "assistant", "content": reply}]
                 print(f"turn {turn + 1} visitor {v + 1}: prompt {prompt_tokens[v][-1]} tokens, TTFT cache on "
                       f"{t_on:.2f} s, off {t_off:.2f} s", flush=True)
     finally:
         for proc, _ in apps:
-            proc.terminate()
-            proc.wait(30)
+            stop_app(proc)
 
     paths = [k for k, rows in ttft.items() if rows]
     print(f"\nTable 1: TTFT per turn (s), median over visitors; {args.visitors} visitors interleaved "

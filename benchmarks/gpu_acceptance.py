@@ -11,6 +11,12 @@ Stages, each timed, with the figures it measured:
                            the repo's sample data, 30 steps, then the merge and the GGUF export
   serve                    one answer from that run through the Space's own backend (llama.cpp for the GGUF when
                            llama-cpp-python is installed, else the transformers backend on the merged model)
+  serving speed            the Space's transformers backend on the GPU (bf16 on sm80+; CHATBOT_DEVICE=cuda) with the
+                           run's merged model beside its llama.cpp backend on 2 CPU threads with the run's GGUF: time
+                           to first token and decode tokens/s of a 256-token reply (end-of-turn tokens ignored, so
+                           every reply is 256 tokens), median of 3 after a warm-up, as chatbot.timing defines them.
+                           Targets: GPU first token <= 0.3 s, GPU decode >= 5x llama.cpp's. With --cpu-smoke both run
+                           on the CPU at 16 tokens: the code path is checked, nothing is measured.
 Random weights: the served text is noise; what is checked is that every file the run writes loads and answers.
 """
 from __future__ import annotations
@@ -33,6 +39,11 @@ from training.paths import REPO_ROOT
 RECIPE = REPO_ROOT / "training" / "configs" / "llama-3.2-1b-finetome.yaml"
 SAMPLE = REPO_ROOT / "training" / "samples" / "sample.jsonl"
 PROMPT = [{"role": "user", "content": "What does this kit do?"}]
+SERVE_TOKENS = 256      # the reply the serving speed is measured on
+SERVE_RUNS = 3          # measured replies per backend, after one warm-up
+CPU_THREADS = 2         # llama.cpp's threads: a CPU-basic Space's 2 vCPUs
+TTFT_TARGET_S = 0.3
+SPEEDUP_TARGET = 5.0
 
 
 def say(msg: str) -> None:
@@ -120,6 +131,80 @@ def serve_answer(run_dir: Path, threads: int) -> str:
     return f"{settings['CHATBOT_BACKEND']}: {tokens} tokens: {''.join(text)[:80]!r}"
 
 
+def reply_speed(backend, tokens: int, runs: int) -> dict:
+    """Median time to first token and decode tokens/s of `runs` replies of `tokens` tokens through backend.stream,
+    after one warm-up reply; each reply is its own conversation, so no kept prompt state shortens the next one."""
+    import statistics
+
+    from chatbot.backends import GenerationParams
+    from chatbot.timing import ReplyClock
+
+    measured = []
+    for run in range(runs + 1):
+        params = GenerationParams(max_new_tokens=tokens, temperature=0.0, repeat_penalty=1.0, seed=0,
+                                  conversation=f"speed-{run}")
+        clock = ReplyClock()
+        for chunk in backend.stream(PROMPT, params):
+            clock.add(chunk.text, chunk.tokens)
+        if run:  # run 0 warms up (CUDA kernels, allocator, llama.cpp's buffers)
+            measured.append(clock)
+    return {"ttft_s": statistics.median(c.ttft for c in measured),
+            "tokens_per_s": statistics.median(c.decode_tps or 0.0 for c in measured),
+            "tokens": min(c.tokens for c in measured)}
+
+
+def transformers_speed(merged: Path, device: str, tokens: int, runs: int) -> dict:
+    """The Space's transformers backend on `device` (CHATBOT_DEVICE) with the run's merged model."""
+    from chatbot.backends import load_backend
+    from chatbot.settings import load_settings
+
+    backend = load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_MODEL": str(merged),
+                                          "CHATBOT_DEVICE": device, "CHATBOT_N_CTX": "1024",
+                                          "CHATBOT_THREADS": str(CPU_THREADS)}))
+    backend.eos_ids = []  # the backend stops at these: none, so every reply decodes all its tokens
+    return {**reply_speed(backend, tokens, runs), "device": backend.placement.device,
+            "dtype": backend.placement.dtype}
+
+
+def llama_cpp_speed(gguf: Path, tokens: int, runs: int) -> dict:
+    """The Space's llama.cpp backend (the one-conversation-at-a-time one) on CPU_THREADS threads with the GGUF."""
+    import functools
+
+    from chatbot.backends.llama_cpp import LlamaCppBackend
+    from chatbot.settings import load_settings
+
+    backend = LlamaCppBackend(load_settings({"CHATBOT_BACKEND": "llama_cpp", "CHATBOT_MODEL": str(gguf),
+                                             "CHATBOT_N_CTX": "1024", "CHATBOT_THREADS": str(CPU_THREADS),
+                                             "CHATBOT_CACHE_MB": "0"}))
+    # The end-of-turn token never sampled, so every reply decodes all its tokens (llama-cpp-python's logit_bias).
+    backend.llm.create_chat_completion = functools.partial(backend.llm.create_chat_completion,
+                                                           logit_bias={backend.llm.token_eos(): float("-inf")})
+    return {**reply_speed(backend, tokens, runs), "threads": CPU_THREADS, "file": gguf.name}
+
+
+def serving_verdict(gpu: dict, cpu: dict | None, smoke: bool) -> tuple[bool, str]:
+    """(pass, the figures) for the serving-speed stage: on a GPU the targets; in a smoke run that both replied."""
+    figure = (f"{gpu['device']} {gpu['dtype']}: first token {gpu['ttft_s']:.3f} s, {gpu['tokens_per_s']:.1f} tok/s "
+              f"({gpu['tokens']} tokens)")
+    if cpu is None:
+        return False, figure + "; no llama.cpp side (llama-cpp-python or the run's GGUF is missing)"
+    ratio = gpu["tokens_per_s"] / cpu["tokens_per_s"] if cpu["tokens_per_s"] else float("inf")
+    figure += (f"; llama.cpp {cpu['threads']} threads ({cpu['file']}): first token {cpu['ttft_s']:.3f} s, "
+               f"{cpu['tokens_per_s']:.1f} tok/s; decode {ratio:.1f}x")
+    if smoke:
+        return gpu["tokens"] > 0 and cpu["tokens"] > 0, figure
+    ok = gpu["device"] == "cuda" and gpu["ttft_s"] <= TTFT_TARGET_S and ratio >= SPEEDUP_TARGET
+    return ok, figure + f" (targets: first token <= {TTFT_TARGET_S} s, decode >= {SPEEDUP_TARGET:.0f}x)"
+
+
+def serving_speed(run_dir: Path, smoke: bool) -> tuple[bool, str]:
+    tokens, runs = (16, 1) if smoke else (SERVE_TOKENS, SERVE_RUNS)
+    gpu = transformers_speed(run_dir / "merged", "cpu" if smoke else "cuda", tokens, runs)
+    ggufs = sorted((run_dir / "gguf").glob("*.gguf")) if (run_dir / "gguf").is_dir() else []
+    cpu = llama_cpp_speed(ggufs[0], tokens, runs) if ggufs and importlib.util.find_spec("llama_cpp") else None
+    return serving_verdict(gpu, cpu, smoke)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("recipe (1B code path: 4-bit, merge, GGUF)", recipe)
     stage("serve", lambda: (True, serve_answer(run_dir, threads=min(8, os.cpu_count() or 1))))
+    stage("serving speed", lambda: serving_speed(run_dir, smoke))
 
     say(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() and not smoke else 'cpu'}; "
         f"work dir: {work}")

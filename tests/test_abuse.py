@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live_app import LiveApp, live_app
 from tools import gradio_http
 from tools.gradio_http import Tab, final_output, first_text_seconds, text_message
+from tools.live_app import LiveApp, live_app
 
 
 def post_run(app: LiveApp, *args, **kwargs) -> httpx.Response:

@@ -1,5 +1,6 @@
-"""`python app.py` (or another entry script) in a subprocess on a free 127.0.0.1 port, for tests that call it over
-HTTP the way a stranger would; its output goes to a log file the test can read."""
+"""`python app.py` (or another entry script) in a subprocess on a free 127.0.0.1 port, for tests and benchmarks that
+call it over HTTP the way a stranger would; its output goes to a log file they can read. `root` runs another
+checkout's app.py (benchmarks/bench_abuse.py compares against the code before a change)."""
 from __future__ import annotations
 
 import os
@@ -29,7 +30,8 @@ class LiveApp:
 
 
 @contextmanager
-def live_app(env: dict[str, str], log: Path, script: list[str] | None = None, timeout: float = 180) -> Iterator[LiveApp]:
+def live_app(env: dict[str, str], log: Path, script: list[str] | None = None, timeout: float = 180,
+             root: Path = ROOT) -> Iterator[LiveApp]:
     """The app with a clean CHATBOT_*/GRADIO_* environment plus `env`; stopped (SIGTERM, then kill) on exit."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items()
@@ -38,7 +40,7 @@ def live_app(env: dict[str, str], log: Path, script: list[str] | None = None, ti
                      "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
     url = f"http://127.0.0.1:{port}/"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, *(script or ["app.py"])], cwd=ROOT, env=full_env, stdout=out,
+        proc = subprocess.Popen([sys.executable, *(script or ["app.py"])], cwd=root, env=full_env, stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout

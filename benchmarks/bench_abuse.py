@@ -1,0 +1,161 @@
+"""The attacks of issue 18's items 1-4 and 8, against `python app.py` of this checkout and (with --baseline) of
+another one, e.g. the code before the fix, side by side:
+
+    git archive 92d625d | tar -x -C /tmp/before    # the checkout to compare with
+    python benchmarks/bench_abuse.py --baseline /tmp/before [--mib 10] [--flood 50] [--system-mb 8]
+
+1. forged feedback (mock backend, CHATBOT_FEEDBACK_DIR set): a rating of "2+2=5" with no chat; 10 forged records of
+   --mib MiB each (bytes written, seconds); the app's RSS after 8 forged retries of --mib MiB.
+2. retry variety (embedded SmolLM2, prompt cache on, temperature 1): 4 retries, each after another visitor's turn;
+   two visitors with the same first message.
+3. "hi" with a --system-mb MB system prompt: when it is answered and how, and the time to first token of another
+   visitor who asks 0.5 s later.
+4. --flood concurrent POST /gradio_api/run/chat (mock backend): how many are accepted.
+8. the prompt cache across visitors: one visitor sends a document of --doc-repeats sentences; the time to first
+   token (the app's stats line) of another visitor's exact guess of it and of a guess differing in its first word.
+
+Every app runs on 127.0.0.1 in its own process, one at a time, with CHATBOT_THREADS=1 (this shell's CHATBOT_*
+variables are not used). Figures are wall-clock seconds on this machine; the attacks are bounded in count and size.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
+    import repo_root  # noqa: F401
+
+import httpx
+
+from tools.gradio_http import Tab, join_queue, post_run, text_message
+from tools.live_app import ROOT, LiveApp, live_app
+
+MIB = 2**20
+SAMPLED = ("", 1.0, 0.95, 24, 1.1, 0.0)  # no system prompt, temperature 1, top-p 0.95, 24 tokens, penalty, min-p
+SENTENCE = "The merger with Northwind closes on 3 March at a price of 41 million, and nobody may know it. "
+
+
+def rss_mb(app: LiveApp) -> float:
+    for line in Path(f"/proc/{app.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.jsonl"))
+
+
+def forged_feedback(app: LiveApp, folder: Path, mib: float) -> dict:
+    forged = [text_message("user", "What is 2+2?"), text_message("assistant", "2+2=5")]
+    post_run(app.url, "on_like", [forged], {"index": 1, "value": ["2+2=5"], "liked": True})
+    out = {"1 forged '2+2=5' rating: bytes written": folder_bytes(folder)}
+    huge = [text_message("user", "x" * int(mib * MIB)), text_message("assistant", "y")]
+    started, before = time.perf_counter(), folder_bytes(folder)
+    for _ in range(10):
+        post_run(app.url, "on_like", [huge], {"index": 1, "value": ["y"], "liked": True})
+    out[f"1 10 forged {mib:g} MiB records: MB written"] = round((folder_bytes(folder) - before) / 1e6, 1)
+    out[f"1 10 forged {mib:g} MiB records: seconds"] = round(time.perf_counter() - started, 2)
+    session, before = "one-session", rss_mb(app)
+    for _ in range(8):
+        post_run(app.url, "on_retry", [huge], {"index": 0, "value": "x"}, session)
+    out[f"1 8 forged {mib:g} MiB retries: app RSS MB before -> after"] = f"{before:.0f} -> {rss_mb(app):.0f}"
+    return out
+
+
+def flood(app: LiveApp, n: int) -> dict:
+    def direct(i: int) -> int:
+        return httpx.post(f"{app.url}gradio_api/run/chat", timeout=300,
+                          json={"data": [f"flood {i}", None, "s", 0.2, 0.9, 8, 1.2, 0.05]}).status_code
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        codes = list(pool.map(direct, range(n)))
+    return {f"4 {n} concurrent POST /run/chat: accepted": codes.count(200),
+            f"4 {n} concurrent POST /run/chat: seconds": round(time.perf_counter() - started, 2)}
+
+
+def retry_variety(app: LiveApp, retries: int) -> dict:
+    tab, other = Tab(app.url), Tab(app.url)
+    replies = [tab.send("Write one sentence about the sea.", *SAMPLED)[0]]
+    for i in range(retries):
+        other.send(f"Name a colour, number {i}.", "", 0.2, 0.9, 8)
+        replies.append(tab.retry(*SAMPLED))
+    pair = {Tab(app.url).send("Write one sentence about the sea.", *SAMPLED)[0] for _ in range(2)}
+    return {f"2 {retries} retries at temperature 1: distinct replies": f"{len(set(replies[1:]))} of {retries}",
+            "2 two visitors, same first message: distinct replies": f"{len(pair)} of 2"}
+
+
+def oversized_system_prompt(app: LiveApp, megabytes: float) -> dict:
+    result = {}
+
+    def stranger():
+        started = time.perf_counter()
+        reply, _ = Tab(app.url).send("hi", "x" * int(megabytes * MIB))
+        result["seconds"], result["reply"] = time.perf_counter() - started, reply
+
+    attack = threading.Thread(target=stranger)
+    attack.start()
+    time.sleep(0.5)
+    messages = join_queue(app.url, "chat", ["What is the capital of France?", None, "", 0.2, 0.9, 16, 1.2, 0.05])
+    attack.join()
+    first = next((t for t, m in messages if m.get("msg") == "process_generating" and m["output"]["data"][0]), None)
+    return {f"3 'hi' + {megabytes:g} MB system prompt: answered after s": round(result["seconds"], 2),
+            f"3 'hi' + {megabytes:g} MB system prompt: answer": result["reply"][:60],
+            "3 another visitor 0.5 s later: first token after s": None if first is None else round(first + 0.5, 2)}
+
+
+def app_ttft(stats: str) -> float:
+    return float(stats.split("first token ")[1].split(" s")[0])
+
+
+def cache_side_channel(app: LiveApp, repeats: int) -> dict:
+    document = SENTENCE * repeats + "Summarise."
+    greedy = ("", 0.0, 0.9, 4, 1.1, 0.0)
+    Tab(app.url).send(document, *greedy)  # the victim
+    exact = app_ttft(Tab(app.url).send(document, *greedy)[1])
+    other = app_ttft(Tab(app.url).send("Our" + document[3:], *greedy)[1])
+    return {f"8 guess of a {repeats}-sentence document: first token s (exact / differing)": f"{exact:.2f} / {other:.2f}"}
+
+
+def measure(root: Path, args, logs: Path) -> dict:
+    out = {}
+    folder = Path(tempfile.mkdtemp(prefix="bench-abuse-feedback-"))
+    mock = {"CHATBOT_BACKEND": "mock", "CHATBOT_MOCK_DELAY": "0.02", "CHATBOT_FEEDBACK_DIR": str(folder)}
+    with live_app(mock, logs / f"mock-{root.name}.log", root=root) as app:
+        out.update(forged_feedback(app, folder, args.mib))
+        out.update(flood(app, args.flood))
+    with live_app({"CHATBOT_THREADS": "1"}, logs / f"smollm2-{root.name}.log", root=root) as app:
+        out.update(retry_variety(app, args.retries))
+        out.update(oversized_system_prompt(app, args.system_mb))
+        out.update(cache_side_channel(app, args.doc_repeats))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, help="another checkout to attack the same way (e.g. before a fix)")
+    parser.add_argument("--mib", type=float, default=10, help="size of each forged record (MiB)")
+    parser.add_argument("--flood", type=int, default=50, help="concurrent direct POSTs")
+    parser.add_argument("--system-mb", type=float, default=8, help="size of the oversized system prompt (MiB)")
+    parser.add_argument("--retries", type=int, default=4)
+    parser.add_argument("--doc-repeats", type=int, default=40, help="sentences in the document (~22 tokens each)")
+    args = parser.parse_args(argv)
+    logs = Path(tempfile.mkdtemp(prefix="bench-abuse-logs-"))
+    sides = {"this checkout": measure(ROOT, args, logs)}
+    if args.baseline:
+        sides = {"baseline": measure(args.baseline.resolve(), args, logs), **sides}
+    names = list(sides)
+    print(" | ".join(["item", *names]))
+    for key in sides[names[-1]]:
+        print(" | ".join([key, *(str(sides[n].get(key)) for n in names)]))
+    print(f"(app logs in {logs})")
+    return sides
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
-"""Chat history: normalise what Gradio sends into openai-style messages, and trim it to fit the context."""
+"""Chat history: normalise what Gradio sends into openai-style messages, bound it in characters, and trim it to fit
+the context."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -51,6 +52,19 @@ def normalise(history: list[Any] | None) -> list[dict]:
         else:
             messages.append({"role": role, "content": text})
     return messages
+
+
+def keep_recent(history: list[dict], max_chars: int) -> list[dict]:
+    """The newest whole turns of `history` (user message first) whose text is at most max_chars characters,
+    counted without tokenising: the history limit applied before the model is asked for anything."""
+    total, start = 0, len(history)
+    for i in range(len(history) - 1, -1, -1):
+        total += len(history[i]["content"])
+        if total > max_chars:
+            break
+        if history[i]["role"] == "user":
+            start = i
+    return history[start:]
 
 
 def build_messages(system_prompt: str, history: list[dict], message: str) -> list[dict]:

@@ -23,7 +23,7 @@ import gradio as gr
 
 from chatbot import feedback
 from chatbot.backends.base import Backend, GenerationParams, fresh_seed
-from chatbot.history import NOTICE, build_messages, content_text, normalise, trim
+from chatbot.history import NOTICE, build_messages, content_text, keep_recent, normalise, trim
 from chatbot.settings import Settings
 from chatbot.timing import ReplyClock
 
@@ -136,19 +136,6 @@ def conversation_key(session: str | None, conversation: list[dict]) -> str:
         return uuid.uuid4().hex
     first = next((m["content"] for m in conversation if m["role"] == "user"), "")
     return hmac.new(KEY_SECRET, f"{session}\0{first}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
-
-
-def keep_recent(history: list[dict], max_chars: int) -> list[dict]:
-    """The newest whole turns of `history` (user message first) whose text is at most max_chars characters,
-    counted without tokenising: the history limit applied before the model is asked for anything."""
-    total, start = 0, len(history)
-    for i in range(len(history) - 1, -1, -1):
-        total += len(history[i]["content"])
-        if total > max_chars:
-            break
-        if history[i]["role"] == "user":
-            start = i
-    return history[start:]
 
 
 def read_number(label: str, value: Any, default: float, lo: float, hi: float) -> float | str:

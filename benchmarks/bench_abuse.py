@@ -2,7 +2,7 @@
 another one, e.g. the code before the fix, side by side:
 
     git archive 92d625d | tar -x -C /tmp/before    # the checkout to compare with
-    python benchmarks/bench_abuse.py --baseline /tmp/before [--mib 10] [--flood 50] [--system-mb 8]
+    python benchmarks/bench_abuse.py --baseline /tmp/before [--mib 10] [--flood 50] [--system-mb 8] [--set K=V]
 
 1. forged feedback (mock backend, CHATBOT_FEEDBACK_DIR set): a rating of "2+2=5" with no chat; 10 forged records of
    --mib MiB each (bytes written, seconds); the app's RSS after 8 forged retries of --mib MiB.
@@ -14,8 +14,9 @@ another one, e.g. the code before the fix, side by side:
 8. the prompt cache across visitors: one visitor sends a document of --doc-repeats sentences; the time to first
    token (the app's stats line) of another visitor's exact guess of it and of a guess differing in its first word.
 
-Every app runs on 127.0.0.1 in its own process, one at a time, with CHATBOT_THREADS=1 (this shell's CHATBOT_*
-variables are not used). Figures are wall-clock seconds on this machine; the attacks are bounded in count and size.
+Every app runs on 127.0.0.1 in its own process, one at a time, with CHATBOT_THREADS=1 and the --set settings on both
+sides, e.g. --set CHATBOT_PARALLEL=1 for the serial llama_cpp backend (this shell's CHATBOT_* variables are not used).
+Figures are wall-clock seconds on this machine; the attacks are bounded in count and size.
 """
 from __future__ import annotations
 
@@ -126,10 +127,11 @@ def measure(root: Path, args, logs: Path) -> dict:
     out = {}
     folder = Path(tempfile.mkdtemp(prefix="bench-abuse-feedback-"))
     mock = {"CHATBOT_BACKEND": "mock", "CHATBOT_MOCK_DELAY": "0.02", "CHATBOT_FEEDBACK_DIR": str(folder)}
+    model = {"CHATBOT_THREADS": "1", **dict(kv.split("=", 1) for kv in args.set)}
     with live_app(mock, logs / f"mock-{root.name}.log", root=root) as app:
         out.update(forged_feedback(app, folder, args.mib))
         out.update(flood(app, args.flood))
-    with live_app({"CHATBOT_THREADS": "1"}, logs / f"smollm2-{root.name}.log", root=root) as app:
+    with live_app(model, logs / f"smollm2-{root.name}.log", root=root) as app:
         out.update(retry_variety(app, args.retries))
         out.update(oversized_system_prompt(app, args.system_mb))
         out.update(cache_side_channel(app, args.doc_repeats))
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--system-mb", type=float, default=8, help="size of the oversized system prompt (MiB)")
     parser.add_argument("--retries", type=int, default=4)
     parser.add_argument("--doc-repeats", type=int, default=40, help="sentences in the document (~22 tokens each)")
+    parser.add_argument("--set", action="append", default=[], metavar="CHATBOT_X=VALUE",
+                        help="a setting of the model apps on both sides (repeatable)")
     args = parser.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="bench-abuse-logs-"))
     sides = {"this checkout": measure(ROOT, args, logs)}

@@ -171,16 +171,18 @@ def run_variant(variant: str, args, ckpt: str) -> dict:
     from transformers import AutoTokenizer
 
     from training.finetune import build_trainer
-    from training.trainer.modeling import load_model_for_training, resolve_mode
+    from training.trainer.modeling import load_model_for_training, plan_training
     from training.trainer.peak_memory import peak_memory_gib
 
-    mode = resolve_mode(args.mode)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     packing = args.packing and variant != "naive"
     with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as out:
         cfg = bench_config(args, out, packing=packing, liger=args.liger and variant == "project")
+        plan = plan_training(cfg, ckpt)  # as finetune.py plans a run: this recipe, this checkpoint, this machine
+        mode = plan.mode
         if variant == "project":
-            model = load_model_for_training(ckpt, cfg.model, cfg.lora, mode, tokenizer)
+            model = load_model_for_training(ckpt, cfg.model, cfg.lora, plan, tokenizer)
+            plan = plan.with_attention(model.config._attn_implementation)
         elif variant == "naive":
             model = _naive_model(ckpt, cfg, mode)
         else:
@@ -189,7 +191,7 @@ def run_variant(variant: str, args, ckpt: str) -> dict:
         n_rows = math.ceil((args.warmup + args.steps) * args.batch * args.seq_len / args.median_len * 1.5) + 8
         rows = synthetic_rows(n_rows, vocab, tokenizer.pad_token_id, args.median_len, args.seq_len, seed=args.seed)
         timer = _step_timer(args.warmup, args.warmup + args.steps)
-        trainer = build_trainer(cfg, mode, model, tokenizer, rows, (), [timer])
+        trainer = build_trainer(cfg, plan, model, tokenizer, rows, (), [timer])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()

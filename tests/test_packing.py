@@ -116,6 +116,7 @@ def test_finetune_trainer_packs_and_counts_real_tokens(rows, smollm2_tokenizer_d
 
     from training.config import TrainConfig
     from training.finetune import build_trainer
+    from training.trainer.modeling import plan_training
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     tokenizer.pad_token = "<|endoftext|>"  # as prepare_tokenizer picks: a token real rows never contain
@@ -126,7 +127,8 @@ def test_finetune_trainer_packs_and_counts_real_tokens(rows, smollm2_tokenizer_d
                            gradient_accumulation_steps=1, max_steps=2, save_steps=100, report_to="none",
                            packing=True, use_liger=True, optim="adamw_torch", logging_steps=1).items():
         setattr(cfg.train, key, value)
-    trainer = build_trainer(cfg, "fp32", _model("sdpa").train(), tokenizer, rows)
+    model = _model("sdpa").train()
+    trainer = build_trainer(cfg, plan_training(cfg, config=model.config), model, tokenizer, rows)
     assert not trainer.args.use_liger_kernel  # no CUDA here: the standard loss, no ImportError
     assert len(trainer.train_dataset) < len(rows)
     batch = next(iter(trainer.get_train_dataloader()))

@@ -22,6 +22,7 @@ if __package__ in (None, ""):
 from training.chat_format import encode_conversation, prepare_tokenizer
 from training.config import TrainConfig, config_to_dict, parse_config, save_config
 from training.paths import resolve_recipe_paths
+from training.trainer.hardware import Plan
 from training.trainer.peak_memory import peak_memory_gib
 from training.plotting import headless_pyplot
 
@@ -73,15 +74,13 @@ def _report_to(value: str) -> list[str]:
     return [] if value == "none" else [v.strip() for v in value.split(",") if v.strip()]
 
 
-def training_arguments(cfg: TrainConfig, plan, has_eval: bool):
+def training_arguments(cfg: TrainConfig, plan: Plan, has_eval: bool):
     """The Trainer's arguments: the recipe's train section, precision/optimizer/Liger from the hardware plan
-    (training.trainer.hardware; a mode name is decided here for this machine)."""
+    (training.trainer.hardware; modeling.plan_training makes it)."""
     import torch
     from transformers import TrainingArguments
 
-    from training.trainer.modeling import as_plan
-
-    t, plan = cfg.train, as_plan(plan, cfg)
+    t = cfg.train
     eval_every = t.eval_steps if has_eval and t.eval_steps > 0 else None
     return TrainingArguments(
         output_dir=t.output_dir,
@@ -118,17 +117,15 @@ def training_arguments(cfg: TrainConfig, plan, has_eval: bool):
     )
 
 
-def build_trainer(cfg: TrainConfig, plan, model, tokenizer, train_rows: Sequence[dict],
+def build_trainer(cfg: TrainConfig, plan: Plan, model, tokenizer, train_rows: Sequence[dict],
                   eval_rows: Sequence[dict] = (), callbacks: Sequence[Any] = ()):
     """The Trainer `run` trains with (benchmarks/bench_train.py times this same object). With `train.packing` the
     training rows are first packed into rows of at most train.max_length tokens (TRL's best-fit decreasing).
-    `plan`: the hardware plan, or a mode name decided here for this machine."""
+    `plan`: the hardware plan for this recipe and model (modeling.plan_training), which decides the packing."""
     from datasets import Dataset
 
     from training.trainer.eval_loss import PooledEvalLossTrainer  # eval loss = evaluate.py's held-out loss
-    from training.trainer.modeling import as_plan
 
-    plan = as_plan(plan, cfg, model)  # a mode name: decided for this model (does it keep packed rows apart?)
     if plan.packing:
         from training.trainer.packing import pack_rows
 

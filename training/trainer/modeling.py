@@ -133,13 +133,6 @@ def plan_training(cfg: TrainConfig, base: str | None = None, new_token_ids=(), d
     return decide(device or probe(), request)
 
 
-def as_plan(plan_or_mode: Plan | str, cfg: TrainConfig, model=None) -> Plan:
-    """A Plan as is; a mode name (what the benchmarks pass) is decided here for this machine and `model`'s config."""
-    if isinstance(plan_or_mode, Plan):
-        return plan_or_mode
-    return plan_training(cfg, mode=plan_or_mode, config=getattr(model, "config", None))
-
-
 def resolve_mode(mode: str) -> str:
     """The mode the plan picks on this machine (auto -> qlora / lora / fp32); PlanError if it cannot run here."""
     return decide(probe(), Request(mode=mode)).mode

@@ -1,4 +1,5 @@
-"""The openai backend against a tiny OpenAI-compatible SSE server on 127.0.0.1 (no network)."""
+"""The openai backend against a tiny hand-written OpenAI-compatible SSE server and against llama-cpp-python's own
+server on the embedded GGUF, both on 127.0.0.1 (no network)."""
 from __future__ import annotations
 
 import json
@@ -149,3 +150,102 @@ def test_wrong_key_names_openai_api_key(server):
     with pytest.raises(ConfigError, match=r"^OPENAI_API_KEY .*accepted:"):
         backend_for(server, OPENAI_API_KEY="wrong")
     assert backend_for(server, OPENAI_API_KEY="right").model_name == "served-model"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real OpenAI-compatible server: llama-cpp-python's own `python -m llama_cpp.server` serving the embedded GGUF on
+# 127.0.0.1 (the server extras are in requirements-dev.txt). The fake server above stays for what a real one cannot
+# be made to do on demand: a slow stream, a refused key, exact request bodies.
+
+# llama.cpp's repacked (AMX) kernels stay off, as in the app (chatbot.backends.llama_cpp.extra_buffers).
+SERVER_LAUNCHER = ("import runpy; from chatbot.backends.llama_cpp import extra_buffers\n"
+                   "with extra_buffers(False): runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+SERVED_AS = "smollm2-test"
+
+
+@pytest.fixture(scope="module")
+def llama_server(smollm2_gguf, tmp_path_factory):
+    """(base URL, the server's log file) of `python -m llama_cpp.server` on a free local port, one thread."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from training.paths import REPO_ROOT
+
+    port, log_path = free_port(), tmp_path_factory.mktemp("llama-server") / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER_LAUNCHER, "--model", str(smollm2_gguf),
+                                 "--model_alias", SERVED_AS, "--host", "127.0.0.1", "--port", str(port),
+                                 "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
+                                 "--last_n_tokens_size", "64"],
+                                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}/v1", time.time() + 120
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.3)
+        yield url, log_path
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def real_backend(llama_server, **env):
+    url, _ = llama_server
+    return load_backend(load_settings({"CHATBOT_BACKEND": "openai", "CHATBOT_OPENAI_BASE_URL": url, **env}))
+
+
+def test_real_server_streams_what_llama_cpp_decodes_in_process(llama_server, smollm2_gguf):
+    """The model the server lists is used; greedy with a repetition penalty and min-p (not in OpenAI's API, sent in
+    the request body) gives the very text the app's own llama_cpp backend decodes from the same GGUF: the parameters
+    arrive and mean the same there."""
+    from chatbot.backends.llama_cpp import extra_buffers
+
+    backend = real_backend(llama_server)
+    assert backend.model_name == SERVED_AS
+    messages = [{"role": "system", "content": "You answer in one sentence."},
+                {"role": "user", "content": "Why is the sea salty?"}]
+    params = GenerationParams(max_new_tokens=40, temperature=0.0, repeat_penalty=1.3, min_p=0.1, seed=1)
+    chunks = list(backend.stream(messages, params))
+    served = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason in ("stop", "length") and len(served.split()) > 3
+    with extra_buffers(False):
+        local = load_backend(load_settings({"CHATBOT_BACKEND": "llama_cpp", "CHATBOT_MODEL": str(smollm2_gguf),
+                                            "CHATBOT_THREADS": "1", "CHATBOT_N_CTX": "2048", "CHATBOT_PARALLEL": "1"}))
+    assert served == "".join(c.text for c in local.stream(messages, params))
+    plain = "".join(c.text for c in backend.stream(messages, GenerationParams(max_new_tokens=40, temperature=0.0,
+                                                                              repeat_penalty=1.0, min_p=0.0)))
+    assert plain != served  # the penalty changed the reply: it was not ignored
+
+
+def test_real_server_stops_at_max_new_tokens(llama_server):
+    chunks = list(real_backend(llama_server).stream([{"role": "user", "content": "Write a long story about a cat."}],
+                                                    GenerationParams(max_new_tokens=5, temperature=0.0)))
+    assert chunks[-1].finish_reason == "length" and 0 < sum(c.tokens for c in chunks) <= 5
+
+
+def test_stop_in_the_app_ends_the_real_servers_generation(llama_server):
+    """The app's stream (chatbot.ui.stream_reply, what Gradio closes when a visitor presses stop) over the openai
+    backend: closing it closes the HTTP stream, and the server says the client went away and stops decoding."""
+    from chatbot.ui import stream_reply
+
+    _, log_path = llama_server
+    reply = stream_reply(real_backend(llama_server), [{"role": "user", "content": "Write a long story about a cat."}],
+                         GenerationParams(max_new_tokens=1500, temperature=0.0))
+    before = log_path.read_text().count("Disconnected from client")
+    assert next(text for text, _stats in reply if text)  # the reply started streaming
+    reply.close()  # the stop button
+    deadline = time.time() + 20
+    while log_path.read_text().count("Disconnected from client") == before:
+        assert time.time() < deadline, log_path.read_text()[-2000:]
+        time.sleep(0.2)
+    # The server is free again at once: a short request completes (it would queue behind 1500 tokens otherwise).
+    chunks = list(real_backend(llama_server).stream([{"role": "user", "content": "Hi"}],
+                                                    GenerationParams(max_new_tokens=3, temperature=0.0)))
+    assert chunks[-1].finish_reason == "length"

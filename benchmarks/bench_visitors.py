@@ -2,14 +2,14 @@
 the batched one (CHATBOT_PARALLEL=P) side by side in one run.
 
     python benchmarks/bench_visitors.py [--visitors 1,2,4,8] [--reply-tokens 200] [--threads 2] [--parallel 4]
-                                        [--shape llama-3.2-1b | --model PATH.gguf] [--n-ctx 4096]
+                                        [--rounds 3] [--shape llama-3.2-1b | --model PATH.gguf] [--n-ctx 4096]
 
 Two `python app.py` processes (one per path, only one busy at a time); for each visitor count, that many clients
 send a different message at the same moment (greedy, new sessions, so no prompt cache helps) over Gradio's HTTP
 API, and each records its time to first text and its last text; the token count is the app's own stats line.
-Per path and count: each visitor's TTFT, the slowest, aggregate tokens/s (all tokens over the time from the common
-start to the last text anyone got) and per-visitor decode tokens/s (median; tokens after the first over first →
-last text). Serial and batched alternate which goes first. The targets (issue 21), with 4 visitors on the batched
+Per path and count: the visitors' TTFTs (sorted), the slowest, aggregate tokens/s (all tokens over the time from the
+common start to the last text anyone got) and per-visitor decode tokens/s (median; tokens after the first over first
+→ last text), each the median over --rounds rounds. Serial and batched alternate which goes first. The targets (issue 21), with 4 visitors on the batched
 path: slowest TTFT <= 3 × a lone visitor's + 0.5 s; aggregate >= 1.4 × one visitor's; and a lone visitor keeps
 >= 0.95 × the serial path's tokens/s.
 
@@ -57,7 +57,7 @@ def one_visitor(url: str, inputs: list, start: threading.Barrier, out: dict) -> 
 
 
 def round_of(url: str, parameters: list[dict], visitors: int, reply_tokens: int) -> dict:
-    """`visitors` clients at the same moment; their TTFTs, the slowest, aggregate and per-visitor tokens/s."""
+    """`visitors` clients at the same moment; their TTFTs (sorted), the slowest, aggregate and per-visitor tokens/s."""
     barrier = threading.Barrier(visitors)
     results = [{} for _ in range(visitors)]
     threads = [threading.Thread(target=one_visitor, args=(url, chat_inputs(
@@ -71,8 +71,14 @@ def round_of(url: str, parameters: list[dict], visitors: int, reply_tokens: int)
     ttfts = [r["first"] - r["sent"] for r in results]
     rates = [decode_rate(r["tokens"] - 1, r["last"] - r["first"]) or 0.0 for r in results]
     total = sum(r["tokens"] for r in results)
-    return dict(ttfts=ttfts, slowest=max(ttfts), aggregate=total / (max(r["last"] for r in results) - start),
+    return dict(ttfts=sorted(ttfts), slowest=max(ttfts), aggregate=total / (max(r["last"] for r in results) - start),
                 per_visitor=statistics.median(rates), tokens=total)
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (the k-th fastest TTFT with the k-th fastest)."""
+    return {key: [statistics.median(r[key][i] for r in rounds) for i in range(len(rounds[0][key]))]
+            if isinstance(rounds[0][key], list) else statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=4, help="CHATBOT_PARALLEL of the batched path")
     parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per visitor count and path (medians reported)")
     parser.add_argument("--model", default=None, help="a GGUF file (default: the embedded SmolLM2-135M)")
     parser.add_argument("--shape", default=None, help="serve a random-weight model of this shape, e.g. llama-3.2-1b")
     args = parser.parse_args(argv)
@@ -119,19 +126,22 @@ def main(argv: list[str] | None = None) -> dict:
               "CHATBOT_MAX_NEW_TOKENS": str(args.reply_tokens), **({"CHATBOT_MODEL": model} if model else {})}
     parallel = {"serial": 1, "batched": args.parallel}
     apps = {}
-    rows: dict[tuple[str, int], dict] = {}
     try:
         for path in PATHS:
             apps[path] = start_app({**common, "CHATBOT_PARALLEL": str(parallel[path])})
         parameters = {path: chat_parameters(url) for path, (_, url) in apps.items()}
         for path in PATHS:  # warm-up (page cache, first allocations): not reported
             round_of(apps[path][1], parameters[path], 1, 8)
-        for k, visitors in enumerate(args.visitors):
+        rounds: dict[tuple[str, int], list[dict]] = {}
+        for k in range(len(args.visitors) * args.rounds):
+            visitors = args.visitors[k // args.rounds]
             for path in (PATHS if k % 2 == 0 else PATHS[::-1]):
-                rows[path, visitors] = row = round_of(apps[path][1], parameters[path], visitors, args.reply_tokens)
+                row = round_of(apps[path][1], parameters[path], visitors, args.reply_tokens)
+                rounds.setdefault((path, visitors), []).append(row)
                 print(f"{path}, {visitors} visitors: TTFT " + ", ".join(f"{t:.2f}" for t in row["ttfts"])
                       + f" s; aggregate {row['aggregate']:.1f} tokens/s, per visitor {row['per_visitor']:.1f}",
                       flush=True)
+        rows = {key: median_round(found) for key, found in rounds.items()}
         peak = {path: peak_rss_mib(server.pid) for path, (server, _) in apps.items()}
     finally:
         for server, _ in apps.values():
@@ -142,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         name = Path(model).name if model else "embedded SmolLM2-135M Q4_1"
     print(f"\n{name}, {args.threads} threads, {args.reply_tokens}-token replies (greedy), serial = CHATBOT_PARALLEL=1, "
-          f"batched = CHATBOT_PARALLEL={args.parallel}, CHATBOT_N_CTX={args.n_ctx}")
-    print("| visitors | path | TTFT each (s) | slowest TTFT (s) | aggregate tokens/s | per-visitor tokens/s | "
+          f"batched = CHATBOT_PARALLEL={args.parallel}, CHATBOT_N_CTX={args.n_ctx}; medians of {args.rounds} rounds")
+    print("| visitors | path | TTFT each, sorted (s) | slowest TTFT (s) | aggregate tokens/s | per-visitor tokens/s | "
           "tokens | aggregate / serial's |")
     print("|---|---|---|---|---|---|---|---|")
     for visitors in args.visitors:
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = rows[path, visitors]
             ratio = row["aggregate"] / rows["serial", visitors]["aggregate"]
             print(f"| {visitors} | {path} | {' '.join(f'{t:.2f}' for t in row['ttfts'])} | {row['slowest']:.2f} | "
-                  f"{row['aggregate']:.1f} | {row['per_visitor']:.1f} | {row['tokens']} | {ratio:.2f}× |")
+                  f"{row['aggregate']:.1f} | {row['per_visitor']:.1f} | {row['tokens']:.0f} | {ratio:.2f}× |")
     print("app peak RSS: " + ", ".join(f"{path} {mib:.0f} MiB" for path, mib in peak.items())
           + f" (the batched path holds KV for {args.parallel} × CHATBOT_N_CTX tokens)")
     lone = rows.get(("batched", 1))

@@ -5,8 +5,8 @@ One engine thread owns the context (a llama_context is not thread-safe). Each st
   2. gives free sequences to waiting requests, in arrival order (a returning conversation's saved state is copied
      back into the sequence, trimmed to what its new prompt shares with it),
   3. builds one llama_batch: the last sampled token of every generating sequence, then prompt tokens of the
-     sequences still reading their prompt: as many as fit in n_batch while nobody is generating, else at most
-     PREFILL_CHUNK a step, so a long prompt does not freeze the others' streams,
+     sequences still reading their prompt, shortest left first: as many as fit in n_batch while nobody is
+     generating, else at most PREFILL_CHUNK a step, so a long prompt does not freeze the others' streams,
   4. decodes it and samples, per sequence with its own sampler chain, from that sequence's row of logits.
 Requests arriving meanwhile wait for the next step. Each sequence's KV cells live in its own stream of the context
 (llama.cpp's non-unified KV cache), so attention never mixes sequences, and one sequence never runs out of room
@@ -71,7 +71,7 @@ class Slot:
         self.unsent = 0                # tokens generated since the last chunk with text
         self.text: TextStream | None = None
         self.row: int | None = None    # this sequence's row of logits in the batch just decoded
-        self.order = 0                 # when its job was admitted: prompts are read first come, first served
+        self.order = 0                 # when its job was admitted (ties between prompts of one length)
 
 
 class SlotScheduler:
@@ -198,7 +198,9 @@ class SlotScheduler:
             add(slot, slot.next_token, True)
             slot.next_token = None
         budget = self.n_batch - n if not generating else min(self.prefill_chunk, self.n_batch - n)
-        for slot in sorted((s for s in self.active() if s.pending), key=lambda s: s.order):
+        # Shortest prompt left first (then first come): a short question is not stuck behind someone's long
+        # document, and a long one still advances every step with what the short ones leave of the budget.
+        for slot in sorted((s for s in self.active() if s.pending), key=lambda s: (len(s.pending), s.order)):
             take, slot.pending = slot.pending[:budget], slot.pending[budget:]
             for i, token in enumerate(take):
                 add(slot, token, not slot.pending and i == len(take) - 1)

@@ -127,29 +127,35 @@ def _logits(model, ids) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("targets, merge", [(["q_proj", "v_proj", "lm_head"], "merge_adapter"),
-                                            (["q_proj", "v_proj", "lm_head"], "merge_adapter_in_memory"),
-                                            (["embed_tokens"], "merge_adapter")])  # LoRA embedding: peft's merge
-def test_lora_on_a_tied_lm_head_or_embedding_merges_to_base_plus_adapter(tmp_path, tiny_llama_dir, targets, merge):
-    """SmolLM2 / Llama-3.2 tie lm_head to the embeddings: LoRA on either trains an output layer that differs from the
-    inputs. Adding it into the shared matrix (peft's merge) changed the inputs too; the merged model is untied."""
+@pytest.mark.parametrize("base, targets, merge", [
+    ("tiny_llama_dir", ["q_proj", "v_proj", "lm_head"], "merge_adapter"),
+    ("tiny_llama_dir", ["q_proj", "v_proj", "lm_head"], "merge_adapter_in_memory"),
+    ("tiny_llama_dir", ["embed_tokens"], "merge_adapter"),            # a LoRA embedding: peft's merge, untied
+    ("tiny_gpt2_dir", ["c_attn", "lm_head"], "merge_adapter"),        # DialoGPT: Conv1D and Linear in one adapter
+])
+def test_lora_on_a_tied_lm_head_or_embedding_merges_to_base_plus_adapter(request, tmp_path, base, targets, merge):
+    """SmolLM2 / Llama-3.2 / DialoGPT tie lm_head to the embeddings: LoRA on either trains an output layer that
+    differs from the inputs. Adding it into the shared matrix (peft's merge) changed the inputs too; the merged model
+    is untied."""
     import training.export.merge as merging
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    reference = _random_adapter(tiny_llama_dir, tmp_path / "adapter", targets)
-    out = getattr(merging, merge)(str(tiny_llama_dir), tmp_path / "adapter", tmp_path / "merged", tokenizer, "float32")
+    base = request.getfixturevalue(base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    reference = _random_adapter(base, tmp_path / "adapter", targets)
+    out = getattr(merging, merge)(str(base), tmp_path / "adapter", tmp_path / "merged", tokenizer, "float32")
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = [5, 17, 300, 4000, 12]
     torch.testing.assert_close(_logits(merged, ids), _logits(reference, ids), rtol=0, atol=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    saved, base = _saved_tensors(out), _saved_tensors(tiny_llama_dir)
-    assert {"lm_head.weight", "model.embed_tokens.weight"} <= set(saved)
-    changed = "lm_head.weight" if "lm_head" in targets else "model.embed_tokens.weight"
-    unchanged = ({"lm_head.weight", "model.embed_tokens.weight"} - {changed}).pop()
-    torch.testing.assert_close(saved[unchanged], base["model.embed_tokens.weight"], rtol=0, atol=0)
-    assert not torch.allclose(saved[changed], base["model.embed_tokens.weight"])
+    saved, before = _saved_tensors(out), _saved_tensors(base)
+    embedding = next(name for name in before if name.endswith(("embed_tokens.weight", "wte.weight")))
+    assert {"lm_head.weight", embedding} <= set(saved)
+    changed = "lm_head.weight" if "lm_head" in targets else embedding
+    unchanged = ({"lm_head.weight", embedding} - {changed}).pop()
+    torch.testing.assert_close(saved[unchanged], before[embedding], rtol=0, atol=0)
+    assert not torch.allclose(saved[changed], before[embedding])
 
 
 def test_tied_lm_head_lora_with_new_token_rows(tmp_path, tiny_llama_dir):

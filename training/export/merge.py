@@ -238,6 +238,18 @@ def tied_weight_names(config) -> dict[str, str]:
     return dict(keys) if isinstance(keys, dict) else {}
 
 
+def conv1d_weights(config, trust_remote_code: bool = False) -> set[str]:
+    """Weight names of the architecture's Conv1D layers (GPT-2's c_attn / c_proj / c_fc store (in, out)), from the
+    model built on the meta device. peft decides fan_in_fan_out per layer by its type, so an adapter on Conv1D and
+    Linear layers at once (DialoGPT with LoRA on lm_head) has no single right value in its config."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
 def untie(config) -> None:
     """Mark a config whose output layer is now its own matrix."""
     for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
@@ -282,6 +294,8 @@ def merge_adapter(base: str, adapter_dir: str | Path, out_dir: str | Path, token
 
     files = tensor_files(base_dir)
     text_config = config.get_text_config()
+    conv1d = conv1d_weights(config, trust_remote_code)
+    changes = {name: [c[:4] + (name in conv1d,) if c[0] == "lora" else c for c in cs] for name, cs in changes.items()}
     tied = {out: src for out, src in tied_weight_names(config).items() if out not in files and src in files}
     # LoRA on a tied lm_head trained an output layer of its own: written beside the embedding (see the module doc).
     # Any other change peft saved for a tied lm_head repeats the embedding's (its token rows are the embedding's).

@@ -168,6 +168,36 @@ def test_logits_equal_the_request_alone_when_interleaved_and_joining_mid_stream(
     print(f"next-token logits bitwise equal to the request alone: {bitwise} of {24 * len(prompts)} steps")
 
 
+def test_a_short_question_is_not_stuck_behind_a_long_prompt(batched):
+    """While someone generates, prompts are read PREFILL_CHUNK tokens a step, shortest left first."""
+    firsts: list[str] = []
+
+    class First(Recorder):
+        def __init__(self, name: str):
+            super().__init__(batched)
+            self.name = name
+
+        def sample(self, ctx, row: int) -> int:
+            if not self.tokens:
+                firsts.append(self.name)
+            return super().sample(ctx, row)
+
+    generating = First("generating")
+    long_prompt = prompt_tokens(batched, [{"role": "user", "content": "Summarise: " + "The committee met to "
+                                                                      "discuss the budget. " * 60}])
+    short_prompt = prompt_tokens(batched, SYSTEM + [{"role": "user", "content": "Hi!"}])
+    assert len(long_prompt) > 6 * PREFILL_CHUNK > 6 * len(short_prompt)
+    jobs = [batched.scheduler.submit(Job(prompt_tokens(batched, CONVERSATIONS[0]), 40, generating))]
+    generating.wait_for(2)
+    with batched.scheduler.wake:  # both arrive between two steps, the long one first
+        jobs += [batched.scheduler.submit(Job(long_prompt, 2, First("long"))),
+                 batched.scheduler.submit(Job(short_prompt, 2, First("short")))]
+    for job in jobs:
+        while not drain_one(job).finish_reason:
+            pass
+    assert firsts == ["generating", "short", "long"]
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -137,8 +137,9 @@ def test_lora_on_a_tied_lm_head_or_embedding_merges_to_base_plus_adapter(request
     """SmolLM2 / Llama-3.2 / DialoGPT tie lm_head to the embeddings: LoRA on either trains an output layer that
     differs from the inputs. Adding it into the shared matrix (peft's merge) changed the inputs too; the merged model
     is untied."""
-    import training.export.merge as merging
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import training.export.merge as merging
 
     base = request.getfixturevalue(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -203,8 +204,9 @@ def test_a_reused_output_folder_keeps_no_file_of_the_earlier_merge(tmp_path, tin
                                                                    monkeypatch):
     """A sharded merge after a single-file one (and back): transformers prefers an old model.safetensors over a new
     index, so a leftover would be what loads; the folder must hold exactly the new merge."""
-    import training.export.merge as merging
     from transformers import AutoModelForCausalLM
+
+    import training.export.merge as merging
 
     tokenizer, adapter_dir, expected, _ = trained_adapter
     out = tmp_path / "merged"

@@ -41,9 +41,9 @@ def _run_outputs(run, base, adapter, tokenizer, dtype: str, gguf: str) -> None:
 
 def test_second_run_into_the_same_folder_and_repo_leaves_only_its_own_model_files(tmp_path, tiny_llama_dir,
                                                                                   monkeypatch):
-    import training.export.merge as merging
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import training.export.merge as merging
     from training.export.hub import push_run
 
     hub = StandinHub(tmp_path / "hub").install(monkeypatch.setattr)

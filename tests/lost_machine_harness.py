@@ -6,7 +6,9 @@ every commit is appended to `root/commits.jsonl` once it is complete. `commit_se
 `fail_commits` makes the next N commits raise, as a flaky network would.
 
 As a script it runs another script under that stand-in (settings from the environment), with each optimizer
-step taking at least HARNESS_STEP_SECONDS and printing `[harness] step`, so a test can signal or kill it mid-run:
+step taking at least HARNESS_STEP_SECONDS and printing `[harness] step`, and each evaluation batch at least
+HARNESS_EVAL_SECONDS, printing `[harness] eval batch rank R step N`, so a test can signal or kill it mid-run. Under
+torchrun each process first prints `[harness] rank R pid P`, so a test can signal one of them:
 
     HUB_STANDIN_DIR=/tmp/hub HARNESS_STEP_SECONDS=0.2 python tests/lost_machine_harness.py training/finetune.py ...
 
@@ -19,6 +21,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -109,7 +112,7 @@ def signal_at(step: int, event: str = "on_step_end", signum: int = 15):
     def fire(self, args, state, control, **kwargs):
         if state.global_step >= step and not self.fired:
             self.fired = True
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)  # to this thread, as a process signal would reach the main thread
 
     return type("SignalAt", (TrainerCallback,), {event: fire, "fired": False})()
 
@@ -127,8 +130,25 @@ def _slow_steps(seconds: float) -> None:
     Trainer.training_step = slow_step
 
 
+def _slow_eval_batches(seconds: float) -> None:
+    from transformers.trainer_callback import CallbackHandler
+
+    event = CallbackHandler.on_prediction_step
+
+    def slow_batch(self, args, state, control):
+        time.sleep(seconds)
+        print(f"[harness] eval batch rank {os.environ.get('RANK', '0')} step {state.global_step}", flush=True)
+        return event(self, args, state, control)
+
+    CallbackHandler.on_prediction_step = slow_batch
+
+
 if __name__ == "__main__":
     StandinHub(os.environ["HUB_STANDIN_DIR"]).install()
     _slow_steps(float(os.environ.get("HARNESS_STEP_SECONDS", "0")))
+    if float(os.environ.get("HARNESS_EVAL_SECONDS", "0")) > 0:
+        _slow_eval_batches(float(os.environ["HARNESS_EVAL_SECONDS"]))
+    if "RANK" in os.environ:
+        print(f"[harness] rank {os.environ['RANK']} pid {os.getpid()}", flush=True)
     script, sys.argv = sys.argv[1], sys.argv[1:]
     runpy.run_path(script, run_name="__main__")

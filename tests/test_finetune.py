@@ -173,26 +173,44 @@ def test_space_serves_the_run_with_the_training_prompt_from_gguf_and_merged(tiny
         assert from_gguf and from_gguf == from_merged
 
 
-def test_resume_with_accumulation_and_dropout_matches_uninterrupted_run(tmp_path, small_vocab_llama_dir):
-    """SIGTERM at step 4 of 10 (batch 2 x accumulation 2, LoRA dropout 0.1, an eval every 5 steps): --resume ends
-    with the adapter and the loss curve of the run that was never stopped (the data position, the dropout RNG and
-    the half-accumulated batch all restart where they were)."""
+def test_sigterm_mid_evaluation_stops_it_and_resume_matches_the_uninterrupted_run(tmp_path, small_vocab_llama_dir):
+    """SIGTERM during the evaluation at step 3 of 6 (mid-epoch; 8 held-out rows, one per eval batch; batch 2 x
+    accumulation 2, LoRA dropout 0.1): the evaluation stops after the batch it is in, checkpoint-3 is saved, the run
+    exits 143, and --resume ends with the adapter and the loss curve of the run that was never stopped (the data
+    position, the dropout RNG and the accumulation all restart where they were)."""
     import torch
     from safetensors.torch import load_file
+    from transformers import TrainerCallback
 
     from lost_machine_harness import signal_at
     from training.finetune import run
 
-    common = {"train.max_steps": 10, "train.save_steps": 100, "train.eval_steps": 5, "export.merge": False,
+    class EvalBatches(TrainerCallback):
+        def __init__(self):
+            self.steps: list[int] = []
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    common = {"train.max_steps": 6, "train.save_steps": 100, "train.eval_steps": 3, "export.merge": False,
               "train.learning_rate": 2e-3, "train.per_device_train_batch_size": 2,
-              "train.gradient_accumulation_steps": 2, "lora.dropout": 0.1, "model.gradient_checkpointing": False}
-    full = run(_cfg(tmp_path, small_vocab_llama_dir, "full", **common))
+              "train.per_device_eval_batch_size": 1, "train.gradient_accumulation_steps": 2, "lora.dropout": 0.1,
+              "model.gradient_checkpointing": False}
+    valid = _write_jsonl(tmp_path / "valid8.jsonl", _rows(8, offset=100))
+
+    def cfg(out: str, **overrides) -> TrainConfig:
+        return _cfg(tmp_path, small_vocab_llama_dir, out, **{**common, "data.validation_path": str(valid),
+                                                             **overrides})
+
+    full = run(cfg("full"))
+    batches = EvalBatches()
     with pytest.raises(SystemExit) as stopped:
-        run(_cfg(tmp_path, small_vocab_llama_dir, "split", **common), callbacks=[signal_at(4)])
+        run(cfg("split"), callbacks=[signal_at(3, event="on_prediction_step"), batches])
     assert stopped.value.code == 143
-    assert [p.name for p in (tmp_path / "split").glob("checkpoint-*")] == ["checkpoint-4"]
-    resumed = run(_cfg(tmp_path, small_vocab_llama_dir, "split", **{**common, "train.resume": True}))
-    assert resumed["resumed_from"] == "checkpoint-4" and resumed["steps"] == full["steps"] == 10
+    assert batches.steps in ([3], [3, 3])  # the batch it came in (or the next), not the 8 of a whole evaluation
+    assert [p.name for p in (tmp_path / "split").glob("checkpoint-*")] == ["checkpoint-3"]
+    resumed = run(cfg("split", **{"train.resume": True}))
+    assert resumed["resumed_from"] == "checkpoint-3" and resumed["steps"] == full["steps"] == 6
     a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "split" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -200,8 +218,9 @@ def test_resume_with_accumulation_and_dropout_matches_uninterrupted_run(tmp_path
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in full["train_loss"]],
                                                                         rel=1e-5)
-    assert [p["loss"] for p in resumed["eval_loss"]] == pytest.approx([p["loss"] for p in full["eval_loss"]],
-                                                                       rel=1e-5)
+    # The evaluation at step 3 was cut short, so it left no figure; the one at step 6 is the same.
+    assert [p["step"] for p in full["eval_loss"]] == [3, 6] and [p["step"] for p in resumed["eval_loss"]] == [6]
+    assert resumed["eval_loss"][0]["loss"] == pytest.approx(full["eval_loss"][1]["loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,6 +175,115 @@ def test_sigterm_saves_the_current_step_pushes_it_and_resume_finishes_the_same(r
     _assert_same_weights(_adapter(run_dir), _adapter(uninterrupted))
 
 
+def test_sigterm_while_writing_the_outputs_exits_cleanly_and_resume_completes_them(tmp_path, small_vocab_llama_dir,
+                                                                                   monkeypatch, capsys):
+    """After the last step: a SIGTERM as the merge starts lets it finish its files (no partial merged/), stops
+    before the GGUF export, summary and upload with one line and exit 143; --resume trains no step and completes
+    the run from the final checkpoint."""
+    from transformers import TrainerCallback
+
+    import training.export.merge as merge_module
+    from training.finetune import run
+
+    class Killed(Exception):
+        """What this test's own SIGTERM handler raises: a signal nobody handled does not end pytest."""
+
+    def killed(signum, frame):
+        raise Killed
+
+    real_merge = merge_module.merge_adapter
+
+    def signalled_merge(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_merge(*args, **kwargs)
+
+    class Steps(TrainerCallback):
+        count = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            Steps.count += 1
+
+    cfg = _cfg(tmp_path, small_vocab_llama_dir, "run", **{"train.max_steps": 4, "export.merge": True,
+                                                           "export.merged_dtype": "float32"})
+    run_dir = tmp_path / "run"
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        monkeypatch.setattr(merge_module, "merge_adapter", signalled_merge)
+        with pytest.raises(SystemExit) as stopped:
+            run(cfg)
+        assert stopped.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is killed  # the run's handler is gone with the run
+        out = capsys.readouterr().out
+        assert "stopped by SIGTERM after training, while writing the outputs; checkpoint-4 holds the trained " \
+               "model: the same command plus --resume writes them (exit status 143)" in out, out[-2000:]
+        assert (run_dir / "merged" / "config.json").is_file() and not list(run_dir.glob("merged.*"))
+        assert not (run_dir / "summary.json").exists()
+
+        monkeypatch.setattr(merge_module, "merge_adapter", real_merge)
+        summary = run(apply_overrides(cfg, {"train.resume": True}), callbacks=[Steps()])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert Steps.count == 0 and summary["steps"] == 4 and summary["resumed_from"] == "checkpoint-4"
+    assert (run_dir / "summary.json").is_file() and (run_dir / "merged" / "config.json").is_file()
+
+
+def test_the_push_after_a_signal_waits_only_what_is_left_of_the_notice(tmp_path, small_vocab_llama_dir, monkeypatch,
+                                                                       capsys):
+    """A spot instance is killed train.preemption_notice_s after its SIGTERM: the checkpoint push is awaited only
+    within that, not for the 300 s an ordinary end of training allows."""
+    from lost_machine_harness import signal_at
+    from training.finetune import run
+
+    StandinHub(tmp_path / "hub", commit_seconds=3).install(monkeypatch.setattr)
+    cfg = _cfg(tmp_path, small_vocab_llama_dir, "run", **{"train.max_steps": 6, "train.save_steps": 100,
+                                                           "hub.push_to_hub": "erin/spot", "hub.push_checkpoints": True,
+                                                           "train.preemption_notice_s": 1})
+    with pytest.raises(SystemExit) as stopped:
+        run(cfg, callbacks=[signal_at(2)])
+    assert stopped.value.code == 143
+    out = capsys.readouterr().out
+    waits = [float(w) for w in re.findall(r"waiting up to ([\d.]+) s for the push of checkpoint-2", out)]
+    assert waits and waits[0] <= 1, out[-2000:]
+    assert "checkpoint push still running after" in out and "not waiting longer" in out
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_when_one_is_signalled_mid_evaluation(tmp_path, small_vocab_llama_dir):
+    """DDP (torchrun, 2 CPU processes): SIGTERM to rank 1 alone during an evaluation. Both ranks take the same
+    decision (the flags are all-reduced at every step and every eval batch): the evaluation stops within a batch on
+    both, both save checkpoint-2 and exit 143; none waits for the other in a collective."""
+    cfg = _cfg(tmp_path, small_vocab_llama_dir, "ddp", **{"train.max_steps": 6, "train.eval_steps": 2,
+                                                           "train.save_steps": 100,
+                                                           "train.per_device_eval_batch_size": 1})
+    cfg.data.validation_path = str(_write_jsonl(tmp_path / "valid16.jsonl", 16, offset=200))  # 8 batches a rank
+    recipe = save_config(cfg, tmp_path / "recipe.yaml")
+    log = tmp_path / "ddp.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(HARNESS), str(FINETUNE), "--config", str(recipe)], cwd=REPO,
+                                env={**_env(tmp_path / "hub"), "HARNESS_EVAL_SECONDS": "0.3"}, stdout=sink,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: "[harness] eval batch rank 1 step 2" in log.read_text() or proc.poll() is not None, 300,
+                  "the evaluation at step 2")
+        pid = int(re.search(r"\[harness\] rank 1 pid (\d+)", log.read_text()).group(1))
+        os.kill(pid, signal.SIGTERM)
+        proc.wait(300)  # ranks that disagree wait for each other in a collective until this times out
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, whatever happened
+        except ProcessLookupError:  # all ended
+            pass
+    text = log.read_text()
+    assert proc.returncode != 0, text[-3000:]
+    assert text.count("stopped by SIGTERM at step 2; checkpoint-2 is saved") == 2, text[-3000:]  # both ranks
+    assert [p.name for p in (tmp_path / "ddp").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert (tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").is_file()
+    for rank in (0, 1):
+        assert text.count(f"[harness] eval batch rank {rank} step 2") <= 3, text[-3000:]  # of 8
+    assert "[harness] step" not in text.split("[harness] eval batch rank 1 step 2", 1)[1]  # no step after it
+
+
 def _fake_checkpoint(folder: Path, step: int, r: int = 16, targets=("q_proj", "v_proj"), recipe: dict | None = None):
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 16, "target_modules": targets}))
@@ -311,7 +421,8 @@ def test_save_minutes_and_signals_set_the_trainer_controls():
     from training.trainer.preemption import SaveOnPreemption
 
     now = [0.0]
-    guard = SaveOnPreemption(save_minutes=2, log=lambda _: None, clock=lambda: now[0])
+    lines: list[str] = []
+    guard = SaveOnPreemption(save_minutes=2, log=lines.append, clock=lambda: now[0])
     handler_before = signal.getsignal(signal.SIGINT)
     args, state = SimpleNamespace(device="cpu"), SimpleNamespace(global_step=1)
     guard.on_train_begin(args, state, TrainerControl())
@@ -324,14 +435,19 @@ def test_save_minutes_and_signals_set_the_trainer_controls():
         now[0] = 200
         control = guard.on_step_end(args, state, TrainerControl())
         assert not control.should_save and not control.should_training_stop  # counted from the last save
-        os.kill(os.getpid(), signal.SIGINT)  # the handler only records it
+        os.kill(os.getpid(), signal.SIGINT)
+        # The handler only records it: writing from a signal handler can re-enter a print the main thread is in
+        # ("reentrant call"); the line is logged by the next callback.
+        assert guard.signum == signal.SIGINT and lines == []
         control = guard.on_step_end(args, state, TrainerControl())
         assert control.should_save and control.should_training_stop
+        assert lines == ["SIGINT received: finishing this step, saving a checkpoint, then exiting (send SIGINT "
+                         "again to exit at once)"]
         with pytest.raises(SystemExit) as stop:
             guard.exit_if_interrupted()
         assert stop.value.code == 130
     finally:
-        guard.on_train_end(args, state, TrainerControl())
+        guard.release()
     assert signal.getsignal(signal.SIGINT) is handler_before
 
 

@@ -208,7 +208,8 @@ def test_evaluate_reports_the_preference_rate_beside_the_loss(tiny_llama_dir, tm
     assert same["logp_rate"] == base["logp_rate"]
     assert results["data"]["preference_reference"] == "base/hf" and results["data"]["beta"] == 0.5
     md = (tmp_path / "eval" / "results.md").read_text()
-    assert "reward accuracy" in md and "log-prob rate (no reference)" in md and "under the reference base/hf), beta 0.5" in md
+    assert "reward accuracy" in md and "log-prob rate (no reference)" in md
+    assert "under the reference base/hf), beta 0.5" in md
 
 
 # ---------------------------------------------------------------- the loop on a tiny model
@@ -324,7 +325,8 @@ def test_a_preference_run_stopped_by_sigterm_resumes_to_the_uninterrupted_weight
         cfg.data.validation_fraction = 0.0
         return apply_overrides(cfg, {
             "model.name_or_path": str(small_vocab_llama_dir), "model.mode": "fp32",
-            "model.gradient_checkpointing": False, "lora.r": 4, "lora.alpha": 8, "lora.target_modules": "q_proj,v_proj", "train.output_dir": str(tmp_path / out),
+            "model.gradient_checkpointing": False, "lora.r": 4, "lora.alpha": 8, "lora.target_modules": "q_proj,v_proj",
+            "train.output_dir": str(tmp_path / out),
             "train.max_length": 48, "train.objective": objective, "train.max_steps": 6, "train.save_steps": 100,
             "train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 1,
             "train.learning_rate": 5e-3, "train.warmup_ratio": 0.0, "train.logging_steps": 1,

@@ -65,6 +65,7 @@ class TrainSection:
     save_steps: int = 1250             # checkpoint every N steps
     save_total_limit: int | None = 3
     save_minutes: float | None = None  # also checkpoint every N minutes of wall time, whichever comes first
+    preemption_notice_s: float = 30.0  # SIGTERM to kill on spot machines (GCP/Azure 30 s, AWS 120): push wait bound
     seed: int = 42
     report_to: str = "auto"            # auto (tensorboard/wandb when installed) | none | tensorboard | wandb | a,b
     resume: bool = False               # continue from the newest checkpoint: OUT/checkpoint-N, else the Hub repo's
@@ -228,6 +229,9 @@ def _check(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{name} must be >= 1, got {getattr(getattr(cfg, section), leaf)!r}")
     if cfg.train.save_minutes is not None and cfg.train.save_minutes <= 0:
         raise ConfigError(f"train.save_minutes must be > 0 (or none), got {cfg.train.save_minutes!r}")
+    if not cfg.train.preemption_notice_s > 0:
+        raise ConfigError(f"train.preemption_notice_s={cfg.train.preemption_notice_s!r} is not valid; accepted: "
+                          "seconds > 0")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio!r}")
     return cfg

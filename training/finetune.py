@@ -24,6 +24,7 @@ from training.config import TrainConfig, config_to_dict, parse_config, save_conf
 from training.paths import resolve_recipe_paths
 from training.trainer.hardware import Plan
 from training.trainer.peak_memory import peak_memory_gib
+from training.trainer.signal_scope import restoring_signal_handlers
 from training.plotting import headless_pyplot
 
 
@@ -192,6 +193,7 @@ def export_gguf_step(cfg: TrainConfig, merged_dir: Path, out: Path) -> list[Path
 
 # ---------------------------------------------------------------- the run
 
+@restoring_signal_handlers  # the run handles SIGTERM/SIGINT (training.trainer.preemption) until it ends
 def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     """Train, merge, export; returns the summary (also written to OUT/summary.json)."""
     import torch
@@ -262,13 +264,15 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         callbacks.append(CheckpointPusher(cfg.hub.push_to_hub, private=cfg.hub.private,
                                           keep=cfg.train.save_total_limit, log=log))
     record = RunRecord.for_run(identity, resume_point)  # recipe + interruptions so far, in every checkpoint
-    preemption = SaveOnPreemption(cfg.train.save_minutes, log=log)  # SIGTERM/SIGINT, train.save_minutes
+    preemption = SaveOnPreemption(cfg.train.save_minutes, log=log,  # SIGTERM/SIGINT, train.save_minutes
+                                  notice_s=cfg.train.preemption_notice_s)
     callbacks += [record, preemption]
     if cfg.train.objective == "sft":
         trainer = build_trainer(cfg, plan, model, tokenizer, train_rows, eval_rows, callbacks)
     else:
         trainer = build_preference_trainer(cfg, training_arguments(cfg, plan, has_eval=bool(eval_rows)), model,
                                            tokenizer, train_rows, eval_rows, callbacks)
+    preemption.attach(trainer)  # a signal also stops an evaluation; the push after it waits within the notice
     resume_from = str(resume_point.path) if resume_point else None
     if not cfg.train.resume and (last := get_last_checkpoint(str(out))):
         log(f"{out} already has {Path(last).name}; starting over (pass --resume to continue it)")
@@ -281,6 +285,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     final_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
     if eval_rows and final_eval.get("step") != trainer.state.global_step:
         final_eval = trainer.evaluate()  # the last periodic eval was before the final step
+    # From here a signal lets the output being written finish, then stops (the final checkpoint has the model).
+    preemption.exit_if_interrupted()
     history = list(trainer.state.log_history)  # restored from the checkpoint on resume: the whole run's curve
     trainer_world_size = trainer.args.world_size
     if not trainer.is_world_process_zero():
@@ -290,6 +296,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     drop_reference_adapter(model)  # dpo/kto: TRL's frozen copy of the initial adapter
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
+    preemption.exit_if_interrupted()
     examples, data_report = {"train": len(train_rows), "validation": len(eval_rows)}, data.report.to_dict()
     merged_dir = None
     if cfg.export.merge:
@@ -300,7 +307,9 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         merged_dir = merge_adapter(base, out / "adapter", out / "merged", tokenizer, cfg.export.merged_dtype,
                                    cfg.model.trust_remote_code, log_fn=log)
         log(f"wrote {merged_dir}")
+        preemption.exit_if_interrupted()
     gguf_files = export_gguf_step(cfg, merged_dir, out) if merged_dir else []
+    preemption.exit_if_interrupted()
 
     # 6. Summary, loss plot, model card.
     train_runtime = result.metrics.get("train_runtime", 0.0)
@@ -336,6 +345,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     log(f"train loss {summary['final_train_loss']:.4f}  eval loss {summary['final_eval_loss']}  "
         f"{summary['tokens_per_second'] or 0:.0f} tokens/s  peak {summary['peak_memory_gb']:.2f} GB  "
         f"wall {summary['wall_time_s']:.0f}s")
+    preemption.exit_if_interrupted()
     if cfg.hub.push_to_hub:
         url = push_run(out, cfg.hub.push_to_hub, private=cfg.hub.private)
         log(f"uploaded to {url}")

@@ -222,7 +222,8 @@ def sweep_markdown(results: dict) -> str:
     if results.get("baseline"):
         lines.append("| base | " + " | ".join(["-"] * len(keys)) + f" | {results['baseline']['loss']:.4f} | "
                      f"{results['baseline']['perplexity']:.2f} | - | - | - | - |")
-    cut = f", cut at {results['max_length']} tokens (the recipe's train.max_length)" if results.get("max_length") else ""
+    length = results.get("max_length")
+    cut = f", cut at {length} tokens (the recipe's train.max_length)" if length else ""
     lines += ["", f"Held-out: {results['heldout_rows']} rows, the same for every run ({results['heldout']}){cut}; "
               "loss = mean NLL per assistant token, pooled over the rows; `base` = the untrained base model; trainer "
               "eval loss = finetune.py's figure for the same rows at the run's own train.max_length (the same "

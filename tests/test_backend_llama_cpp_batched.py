@@ -32,7 +32,8 @@ CONVERSATIONS = [
 ]
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0, repeat_penalty=1.2)  # the app's default penalty
 # Logits may differ where llama.cpp sums in another order for another batch shape; allowed: 1e-4 of the largest
-# |logit| (measured on this model and CPU: 0, every row bitwise equal). A near-tie: top two within NEAR_TIE.
+# |logit|. Measured on this model and CPU: 0, every row bitwise equal (with a prompt mixed into the generating
+# sequences' batch instead: up to 1.1, see llama_cpp_slots.py). A near-tie: top two within NEAR_TIE.
 LOGIT_TOLERANCE = 1e-4
 NEAR_TIE = 0.05
 
@@ -101,19 +102,17 @@ class Recorder:
 
 
 def record_batches(backend) -> list[dict[int, tuple[int, int]]]:
-    """Each decoded batch as {seq: (tokens in the batch, rows with logits)}."""
+    """Each llama_decode call's batch as {seq: (tokens in the batch, rows with logits)}."""
     batches, scheduler = [], backend.scheduler
     original = scheduler.fill_batch
 
-    def fill_batch() -> bool:
-        filled = original()
+    def fill_batch(*args) -> None:
+        original(*args)
         b, shape = scheduler.batch, {}
         for i in range(b.n_tokens):
             n, rows = shape.get(b.seq_id[i][0], (0, 0))
             shape[b.seq_id[i][0]] = (n + 1, rows + bool(b.logits[i]))
-        if filled:
-            batches.append(shape)
-        return filled
+        batches.append(shape)
 
     scheduler.fill_batch = fill_batch
     return batches
@@ -152,12 +151,11 @@ def test_logits_equal_the_request_alone_when_interleaved_and_joining_mid_stream(
         run_staggered(batched, prompts, recorders, 24, join_after={1: 3, 2: 8, 3: 8})
     finally:
         del batched.scheduler.fill_batch
-    # The scenario really happened: sequences joined while others generated, and the long prompt was read in
-    # PREFILL_CHUNK pieces in batches that also carried the others' next tokens.
-    assert max(len(shape) for shape in batches) >= 3
-    long_seq = [s for s in range(4) if any(n > 1 for n, _ in (b.get(s, (0, 0)) for b in batches))]
-    chunks = [b for b in batches if any(n == PREFILL_CHUNK for n, rows in b.values()) and len(b) > 1]
-    assert long_seq and len(chunks) >= 2
+    # The scenario really happened: sequences joined while others generated (up to four in one batch), and the
+    # long prompt was read in PREFILL_CHUNK pieces, with the others' next tokens decoded between them.
+    assert max(len(shape) for shape in batches) == 4
+    chunks = [i for i, shape in enumerate(batches) if list(shape.values()) == [(PREFILL_CHUNK, 0)]]
+    assert len(chunks) >= 2 and all(len(batches[i + 1]) >= 2 for i in chunks)
     bitwise = 0
     for recorder, (tokens, rows) in zip(recorders, references):
         assert recorder.tokens == tokens and len(recorder.rows) == len(rows) == 24

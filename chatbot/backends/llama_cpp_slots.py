@@ -4,10 +4,15 @@ One engine thread owns the context (a llama_context is not thread-safe). Each st
   1. ends the sequences whose visitor pressed stop or went away (only theirs: the others go on),
   2. gives free sequences to waiting requests, in arrival order (a returning conversation's saved state is copied
      back into the sequence, trimmed to what its new prompt shares with it),
-  3. builds one llama_batch: the last sampled token of every generating sequence, then prompt tokens of the
-     sequences still reading their prompt, shortest left first: as many as fit in n_batch while nobody is
-     generating, else at most PREFILL_CHUNK a step, so a long prompt does not freeze the others' streams,
-  4. decodes it and samples, per sequence with its own sampler chain, from that sequence's row of logits.
+  3. decodes the last sampled token of every generating sequence in one llama_batch (the batching that makes
+     four visitors cost little more than one), and samples each sequence's next token with its own sampler
+     chain from its row of logits,
+  4. decodes the next piece of each prompt still being read, one llama_batch per prompt, shortest prompt left
+     first: PREFILL_CHUNK tokens while anyone is generating, so a long prompt slows the others' streams instead
+     of freezing them, else up to n_batch.
+A prompt never shares a llama_batch with another sequence: llama.cpp splits a mixed batch into ubatches of other
+shapes, which round the prompt's KV cells differently (measured: next-token logits up to 1.1 apart, of a 35-wide
+range), while these two shapes give next-token logits bitwise equal to the request alone (on the embedded model).
 Requests arriving meanwhile wait for the next step. Each sequence's KV cells live in its own stream of the context
 (llama.cpp's non-unified KV cache), so attention never mixes sequences, and one sequence never runs out of room
 because of another.
@@ -29,7 +34,7 @@ from chatbot.backends.base import Chunk, cancelled
 from chatbot.backends.llama_cpp_seq_cache import SavedSequence, SequenceCache, shared_prefix
 from chatbot.backends.token_text import TextStream, token_piece
 
-PREFILL_CHUNK = 64  # prompt tokens per step while other sequences are generating (see docs/serving.md)
+PREFILL_CHUNK = 64  # prompt tokens per sequence and step while others are generating (see docs/serving.md)
 
 
 class TokenChooser(Protocol):
@@ -136,11 +141,16 @@ class SlotScheduler:
             if slot.job.stopped():
                 self.finish(slot, "cancelled")
         self.admit()
-        if self.fill_batch():
+        generating = [s for s in self.active() if s.next_token is not None]
+        reading = sorted((s for s in self.active() if s.pending), key=lambda s: (len(s.pending), s.order))
+        # While anyone is generating, a prompt advances PREFILL_CHUNK tokens a step; else up to n_batch at once.
+        each = self.prefill_chunk if generating else self.n_batch
+        for group in ([generating] if generating else []) + [[s] for s in reading]:
+            self.fill_batch(group, each)
             code = llama_cpp.llama_decode(self.ctx, self.batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code}")
-            for slot in self.active():
+            for slot in group:
                 if slot.row is not None:
                     self.take_token(slot, slot.job.chooser.sample(self.ctx, slot.row))
 
@@ -178,37 +188,25 @@ class SlotScheduler:
             return False
         return True
 
-    def fill_batch(self) -> bool:
-        """Put this step's tokens into self.batch; False when there is nothing to decode."""
+    def fill_batch(self, group: list[Slot], each: int) -> None:
+        """Put one llama_decode call's tokens into self.batch: the next token of each generating sequence in
+        `group`, or the next `each` tokens of a prompt (logits only for its last token)."""
         batch, n = self.batch, 0
-
-        def add(slot: Slot, token: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(slot.tokens), 1
-            batch.seq_id[n][0], batch.logits[n] = slot.seq, logits
-            slot.tokens.append(token)
-            if logits:
-                slot.row = n
-            n += 1
-
-        for slot in self.slots:
+        for slot in group:
+            if slot.next_token is not None:
+                tokens, slot.next_token = [slot.next_token], None
+            else:
+                tokens, slot.pending = slot.pending[:each], slot.pending[each:]
             slot.row = None
-        generating = [s for s in self.active() if s.next_token is not None]
-        for slot in generating:
-            add(slot, slot.next_token, True)
-            slot.next_token = None
-        budget = self.n_batch - n if not generating else min(self.prefill_chunk, self.n_batch - n)
-        # Shortest prompt left first (then first come): a short question is not stuck behind someone's long
-        # document, and a long one still advances every step with what the short ones leave of the budget.
-        for slot in sorted((s for s in self.active() if s.pending), key=lambda s: (len(s.pending), s.order)):
-            take, slot.pending = slot.pending[:budget], slot.pending[budget:]
-            for i, token in enumerate(take):
-                add(slot, token, not slot.pending and i == len(take) - 1)
-            budget -= len(take)
-            if budget <= 0:
-                break
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1 and not slot.pending
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(slot.tokens), 1
+                batch.seq_id[n][0], batch.logits[n] = slot.seq, last
+                slot.tokens.append(token)
+                if last:
+                    slot.row = n
+                n += 1
         batch.n_tokens = n
-        return n > 0
 
     def take_token(self, slot: Slot, token: int) -> None:
         job = slot.job

@@ -7,7 +7,6 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -215,8 +214,10 @@ def test_evaluate_reports_the_preference_rate_beside_the_loss(tiny_llama_dir, tm
 # ---------------------------------------------------------------- the loop on a tiny model
 
 def space_records(folder: Path, n: int, seed: int) -> list[dict]:
-    """Ratings made through the Space's own feedback code: thumbs on some turns, a retry then a kept reply on
-    others. Liked replies answer ("Sure: ..."), disliked ones refuse."""
+    """Ratings made through the Space's own feedback code: each reply registered as streamed to that visitor's
+    session (what the chat does after every reply), then thumbs on some turns, a retry then a kept reply on others.
+    Liked replies answer ("Sure: ..."), disliked ones refuse."""
+    from chatbot.backends import GenerationParams
     from chatbot.backends.mock import MockBackend
     from chatbot.feedback import FeedbackCollector, FeedbackLog
     from chatbot.settings import load_settings
@@ -225,20 +226,23 @@ def space_records(folder: Path, n: int, seed: int) -> list[dict]:
     log = FeedbackLog(folder)
     collector = FeedbackCollector(log, settings, MockBackend(settings))
     rng = random.Random(seed)
-    page = {"system_prompt": "", "temperature": 0.2, "top_p": 0.9, "max_new_tokens": 64}
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
         question = f"Tell me about {topic} (#{i})."
         good, bad = f"Sure: {topic} are nice, number {i}.", f"No. I refuse to talk about {topic}."
         msg = lambda role, text: {"role": role, "content": [{"type": "text", "text": text}]}  # noqa: E731
-        session = SimpleNamespace(session_hash=f"visitor-{i}")
+        session = f"visitor-{i}"
+
+        def chat(reply: str) -> list[dict]:  # the reply streamed to this visitor; the chat as the page holds it
+            collector.served(session, [{"role": "user", "content": question}], reply, "", GenerationParams(), 0)
+            return [msg("user", question), msg("assistant", reply)]
+
         if rng.random() < 0.5:
             for reply, liked in ((good, True), (bad, False)):
-                collector.on_like([msg("user", question), msg("assistant", reply)], page,
-                                  SimpleNamespace(index=1, liked=liked), session)
+                assert collector.on_like(session, chat(reply), 1, liked) is None
         else:
-            collector.on_retry([msg("user", question), msg("assistant", bad)], page, SimpleNamespace(index=0), session)
-            collector.on_submit([msg("user", question), msg("assistant", good)], page, session)
+            assert collector.on_retry(session, chat(bad), 0) is None
+            assert collector.on_submit(session, chat(good)) is None
     return [json.loads(line) for line in log.path.read_text().splitlines()]
 
 

@@ -148,7 +148,7 @@ def test_space_serves_the_run_with_the_training_prompt_from_gguf_and_merged(tiny
     (gguf,) = export_gguf_step(apply_overrides(cfg, {"export.gguf": True, "export.gguf_quants": ["f16"]}),
                                out / "merged", out)
     with extra_buffers(False):
-        gguf_backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"),
+        gguf_backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"), "CHATBOT_PARALLEL": "1",
                                                    "CHATBOT_GGUF_FILE": gguf.name, "CHATBOT_THREADS": "1"}))
     hf_backend = load_backend(load_settings({"CHATBOT_BACKEND": "transformers", "CHATBOT_MODEL": str(out / "merged"),
                                              "CHATBOT_THREADS": "1"}))

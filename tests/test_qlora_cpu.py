@@ -156,7 +156,8 @@ def test_qlora_run_is_served_by_the_space_with_the_training_prompt(qlora_run):
     out = tmp / "split"
     assert summary["gguf_files"] == ["model-q8_0.gguf"]
     with extra_buffers(False):
-        backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"), "CHATBOT_THREADS": "1"}))
+        backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"), "CHATBOT_THREADS": "1",
+                                              "CHATBOT_PARALLEL": "1"}))  # the serial backend: its llm is recorded
     fed = []
     complete = backend.llm.create_completion
     backend.llm.create_completion = lambda prompt, **kw: fed.append(list(prompt)) or complete(prompt, **kw)

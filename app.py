@@ -37,8 +37,9 @@ def main() -> int:
         settings = load_settings()
         host, port = server_address()
         # Imported after validation so a bad setting fails in well under a second.
-        from chatbot.backends import load_backend
+        from chatbot.backends import load_arena_backend, load_backend
         backend = load_backend(settings)
+        arena_backend = load_arena_backend(settings)  # CHATBOT_ARENA_MODEL's, or None: no Arena
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -49,9 +50,11 @@ def main() -> int:
 
     print(f"Serving {backend.model_name} with {backend.name} (context {backend.n_ctx}, "
           f"{settings.threads} threads) on http://{host}:{port}", file=sys.stderr)
+    if arena_backend is not None:
+        print(f"Arena: {backend.model_name} against {arena_backend.model_name}", file=sys.stderr)
     try:
         log = feedback.open_log(settings)
-        demo = build_app(settings, backend, log)
+        demo = build_app(settings, backend, log, arena_backend)
     except ConfigError as exc:  # e.g. a CHATBOT_FEEDBACK_DATASET the token cannot create or write
         print(str(exc), file=sys.stderr)
         return 2

@@ -218,13 +218,17 @@ class FeedbackCollector:
                                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                 "messages": system + conversation[served.dropped:], "reply": reply, "rating": rating,
                                 "model": self.model, "sampling": served.sampling()})
+        return self.append(ledger, line)
+
+    def append(self, ledger: SessionLedger, line: bytes, what: str = "rating") -> str | None:
+        """Write one encoded record of the session within the limits; the page's line when it was not written."""
         if self.stopped:
             return self.status()
         if len(line) > MAX_RECORD_BYTES:
-            return f"{NOTICE}That rating was not saved: its record would be {len(line) // 1024} KiB, over the " \
+            return f"{NOTICE}That {what} was not saved: its record would be {len(line) // 1024} KiB, over the " \
                    f"{MAX_RECORD_BYTES // 1024} KiB a record may take."
         if ledger.written + len(line) > MAX_SESSION_BYTES:
-            return f"{NOTICE}Ratings from this page are no longer saved: it reached the " \
+            return f"{NOTICE}{what.capitalize()}s from this page are no longer saved: it reached the " \
                    f"{MAX_SESSION_BYTES // 2**20} MiB a session may record."
         if self.log.total + len(line) > self.max_total:
             self.stopped = True
@@ -235,6 +239,12 @@ class FeedbackCollector:
         self.log.append(line)
         ledger.written += len(line)
         return None
+
+    def write(self, session: str, record: dict, what: str) -> str | None:
+        """Another kind of record from this session (the Arena's votes, which vouches for them itself), within the
+        same limits as the ratings; the page's line when it was not written."""
+        with self.lock:
+            return self.append(self.sessions.use(session), self.log.encode(record), what)
 
     # Event handlers: `history` is the chat as the page (or any caller) sends it, `session` its session hash.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, TypeVar
 
 BACKEND_NAMES = ("llama_cpp", "transformers", "mock", "openai")
@@ -68,6 +68,9 @@ class Settings:
     feedback_dir: str | None = None      # visitor ratings -> DIR/*.jsonl (chatbot.feedback); None = off
     feedback_dataset: str | None = None  # also push feedback_dir to this private Hub dataset
     feedback_max_mb: int = 200           # recording stops once this process's records reach it (nothing is lost)
+    arena_model: str | None = None       # the Arena's second model (chatbot/arena.py), by CHATBOT_MODEL's rules;
+    #                                      None = no Arena tab
+    arena_gguf_file: str | None = None   # llama_cpp: file name or glob inside CHATBOT_ARENA_MODEL
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -142,6 +145,29 @@ def _feedback(env: Mapping[str, str]) -> dict:
             "feedback_max_mb": _number(env, "CHATBOT_FEEDBACK_MAX_MB", int, 200, lo=1)}
 
 
+def _arena(env: Mapping[str, str], model: str | None, gguf_file: str | None) -> dict:
+    """CHATBOT_ARENA_MODEL / CHATBOT_ARENA_GGUF_FILE: the Arena's second model, by CHATBOT_MODEL's and
+    CHATBOT_GGUF_FILE's rules (checked again when it loads); off unless set."""
+    arena_model, arena_file = _get(env, "CHATBOT_ARENA_MODEL"), _get(env, "CHATBOT_ARENA_GGUF_FILE")
+    if arena_file is not None and arena_model is None:
+        raise _bad("CHATBOT_ARENA_GGUF_FILE", arena_file,
+                   "a file name or glob inside CHATBOT_ARENA_MODEL, so CHATBOT_ARENA_MODEL must be set too")
+    if arena_model is not None and (arena_model, arena_file) == (model, gguf_file):
+        raise _bad("CHATBOT_ARENA_MODEL", arena_model, "a model other than the chat's CHATBOT_MODEL "
+                   "(the Arena compares two), or unset for no Arena")
+    return {"arena_model": arena_model, "arena_gguf_file": arena_file}
+
+
+def arena_settings(settings: Settings) -> Settings | None:
+    """The Arena's second model as settings of its own: the chat's, served by the same backend kind, with
+    CHATBOT_ARENA_MODEL / CHATBOT_ARENA_GGUF_FILE as the model, no adapter, and no prompt cache (a battle is one
+    turn, never continued). None when the Arena is off."""
+    if settings.arena_model is None:
+        return None
+    return replace(settings, model=settings.arena_model, gguf_file=settings.arena_gguf_file, adapter=None,
+                   cache_mb=0, arena_model=None, arena_gguf_file=None)
+
+
 def _parallel(env: Mapping[str, str], backend: str) -> int:
     """CHATBOT_PARALLEL: how many conversations the llama_cpp backend decodes at once (default: Settings.parallel,
     chosen by benchmarks/bench_visitors.py); other backends serve one at a time or scale elsewhere."""
@@ -213,4 +239,5 @@ def load_settings(env: Mapping[str, str] = os.environ) -> Settings:
         cache_mb=_number(env, "CHATBOT_CACHE_MB", int, 1024, lo=0),
         parallel=_parallel(env, backend),
         **_feedback(env),
+        **_arena(env, model, gguf_file),
     )

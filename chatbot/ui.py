@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import ExitStack
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -61,10 +62,12 @@ def format_stats(clock: ReplyClock, finish: str | None, dropped: int, over_limit
 
 
 def stream_reply(backend: Backend, messages: list[dict], params: GenerationParams,
-                 dropped: int = 0, over_limit: int = 0) -> Iterator[tuple[str, str]]:
-    """(reply so far, stats line) pairs while the backend streams in a producer thread."""
+                 dropped: int = 0, over_limit: int = 0,
+                 cancel: threading.Event | None = None) -> Iterator[tuple[str, str]]:
+    """(reply so far, stats line) pairs while the backend streams in a producer thread. Setting `cancel` (or closing
+    the generator) ends decoding at the next token."""
     items: queue.SimpleQueue = queue.SimpleQueue()
-    cancel = threading.Event()
+    cancel = cancel or threading.Event()
 
     def produce() -> None:
         try:
@@ -153,6 +156,24 @@ def read_number(label: str, value: Any, default: float, lo: float, hi: float) ->
     return min(max(number, lo), hi)
 
 
+def refuse_message(settings: Settings, text: str) -> str | None:
+    """The notice for a message refused before it costs anything (empty, or over CHATBOT_MAX_INPUT_CHARS); None
+    when it may go on."""
+    if not text.strip():
+        return notice("Please type a message.")
+    if len(text) > settings.max_input_chars:
+        return notice(f"Your message is {len(text)} characters long; the limit is {settings.max_input_chars} "
+                      "(CHATBOT_MAX_INPUT_CHARS). Please shorten it.")
+    return None
+
+
+def too_long(backend: Backend, messages: list[dict], max_new_tokens: int) -> str:
+    """The notice for a message that does not fit the model's context even with no history."""
+    alone = backend.count_tokens(messages[:1] + messages[-1:] if len(messages) > 1 else messages)
+    return notice(f"Your message is too long for this model: it needs {alone} tokens plus {max_new_tokens} new "
+                  f"tokens, and the context holds {backend.n_ctx}. Please shorten it or lower “Max new tokens”.")
+
+
 def make_respond(settings: Settings, backend: Backend, on_reply: Callable[..., None] | None = None):
     """The ChatInterface function: (message, history, system prompt, temperature, top_p, max new tokens,
     repetition penalty, min-p); what an API caller leaves out comes from the settings. Every input is checked
@@ -164,12 +185,9 @@ def make_respond(settings: Settings, backend: Backend, on_reply: Callable[..., N
                 top_p: float | None = None, max_new_tokens: float | None = None, repeat_penalty: float | None = None,
                 min_p: float | None = None, request: gr.Request = None) -> Iterator[tuple[str, str]]:
         text = content_text(message["text"] if isinstance(message, dict) and "text" in message else message)
-        if not text.strip():
-            yield notice("Please type a message."), ""
-            return
-        if len(text) > settings.max_input_chars:
-            yield notice(f"Your message is {len(text)} characters long; the limit is {settings.max_input_chars} "
-                         "(CHATBOT_MAX_INPUT_CHARS). Please shorten it."), ""
+        refused = refuse_message(settings, text)
+        if refused is not None:
+            yield refused, ""
             return
         system = settings.system_prompt if system_prompt is None else system_prompt
         if not isinstance(system, str):
@@ -200,10 +218,7 @@ def make_respond(settings: Settings, backend: Backend, on_reply: Callable[..., N
         messages = build_messages(system, kept[:-1], kept[-1]["content"])
         fitted = trim(messages, backend.count_tokens, backend.n_ctx, params.max_new_tokens)
         if fitted is None:
-            alone = backend.count_tokens(messages[:1] + messages[-1:] if len(messages) > 1 else messages)
-            yield notice(f"Your message is too long for this model: it needs {alone} tokens plus "
-                         f"{params.max_new_tokens} new tokens, and the context holds {backend.n_ctx}. "
-                         "Please shorten it or lower “Max new tokens”."), ""
+            yield too_long(backend, messages, params.max_new_tokens), ""
             return
         trimmed, _ = fitted
         over_limit = len(conversation) - len(kept)
@@ -220,13 +235,17 @@ def make_respond(settings: Settings, backend: Backend, on_reply: Callable[..., N
     return respond
 
 
-def build_app(settings: Settings, backend: Backend, log: feedback.FeedbackLog | None = None):
+def build_app(settings: Settings, backend: Backend, log: feedback.FeedbackLog | None = None,
+              arena_backend: Backend | None = None):
     """The Gradio Blocks app, its queue set up; launch it with .launch() (app.py does). Feedback is recorded to
-    `log`, else to the log the settings ask for (none unless CHATBOT_FEEDBACK_DIR is set)."""
+    `log`, else to the log the settings ask for (none unless CHATBOT_FEEDBACK_DIR is set). With `arena_backend`
+    (CHATBOT_ARENA_MODEL's) the chat is one tab and the Arena (chatbot/arena_tab.py) another."""
     log = log or feedback.open_log(settings)
     collector = feedback.FeedbackCollector(log, settings, backend) if log is not None else None
     slider_max = max(settings.max_new_tokens, min(4096, backend.n_ctx // 2))
-    with gr.Blocks(title=f"Chat · {backend.model_name}", fill_height=True) as demo:
+    with gr.Blocks(title=f"Chat · {backend.model_name}", fill_height=True) as demo, ExitStack() as chat_tab:
+        if arena_backend is not None:
+            chat_tab.enter_context(gr.Tab("Chat", id="chat"))
         # Rendered below the chat but created first: ChatInterface needs its additional outputs to exist.
         stats = gr.Markdown("", elem_id="reply-stats", render=False)
         chat = gr.ChatInterface(
@@ -264,6 +283,13 @@ def build_app(settings: Settings, backend: Backend, log: feedback.FeedbackLog | 
         stats.render()
         if collector is not None:  # thumbs/retry -> records, when CHATBOT_FEEDBACK_DIR is set
             feedback.attach(demo, chat, collector)
+        if arena_backend is not None:
+            from chatbot.arena import Arena  # it builds on this module
+            from chatbot.arena_tab import arena_tab
+
+            chat_tab.close()  # the Chat tab ends here
+            with gr.Tab("Arena", id="arena"):
+                arena_tab(settings, Arena(settings, backend, arena_backend, collector))
     # The queue's bound holds for every caller: api_open=False closes the direct POST /gradio_api/run/chat route,
     # which would otherwise skip both the queue (max_size) and the event's concurrency_limit. gradio_client and
     # /gradio_api/call/chat go through the queue.

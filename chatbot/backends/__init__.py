@@ -1,10 +1,11 @@
 """Backend registry: CHATBOT_BACKEND name → factory(settings) → Backend. Heavy imports happen in the factory."""
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from chatbot.backends.base import Backend, Chunk, GenerationParams
-from chatbot.settings import ConfigError, Settings
+from chatbot.settings import ConfigError, Settings, arena_settings
 
 
 def _llama_cpp(settings: Settings) -> Backend:
@@ -54,4 +55,16 @@ def load_backend(settings: Settings) -> Backend:
                           f"{exc.name}, or -r requirements-dev.txt)") from None
 
 
-__all__ = ["BACKENDS", "Backend", "Chunk", "GenerationParams", "load_backend"]
+def load_arena_backend(settings: Settings) -> Backend | None:
+    """The Arena's second model (CHATBOT_ARENA_MODEL), loaded once like the chat's; None when the Arena is off.
+    Its errors name the arena variables (CHATBOT_ARENA_MODEL, CHATBOT_ARENA_GGUF_FILE), not the chat's."""
+    arena = arena_settings(settings)
+    if arena is None:
+        return None
+    try:
+        return load_backend(arena)
+    except ConfigError as exc:
+        raise ConfigError(re.sub(r"\bCHATBOT_(MODEL|GGUF_FILE)\b", r"CHATBOT_ARENA_\1", str(exc))) from None
+
+
+__all__ = ["BACKENDS", "Backend", "Chunk", "GenerationParams", "load_arena_backend", "load_backend"]

@@ -1,7 +1,8 @@
 """A model-free backend for tests and UI work: streams a canned or echoed reply word by word.
 
 The echo names the system prompt, the sampling settings and how many messages arrived, so a test
-(or a person in the browser) can see that each setting and the history trimming reached the backend.
+(or a person in the browser) can see that each setting and the history trimming reached the backend. With
+CHATBOT_MODEL set, that name is the mock's model name and starts its echo: two mocks (the Arena's) tell apart.
 CHATBOT_MOCK_DELAY slows it down enough to press stop mid-reply.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ class MockBackend:
     max_concurrency = 4  # no shared model state: lets tests check that parallel users never mix replies
 
     def __init__(self, settings: Settings):
-        self.model_name = "mock"
+        self.model_name = settings.model or "mock"
+        self.named = settings.model is not None
         self.n_ctx = settings.n_ctx or 4096
         self.delay = settings.mock_delay
         self.reply = settings.mock_reply
@@ -41,7 +43,8 @@ class MockBackend:
             return self.reply
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
         user = messages[-1]["content"] if messages else ""
-        return (f"You said: {user} | system prompt: {system or '(none)'} | "
+        name = f"[{self.model_name}] " if self.named else ""
+        return (f"{name}You said: {user} | system prompt: {system or '(none)'} | "
                 f"temperature={params.temperature:g} top_p={params.top_p:g} "
                 f"max_new_tokens={params.max_new_tokens} repeat_penalty={params.repeat_penalty:g} "
                 f"min_p={params.min_p:g} | messages: {len(messages)}")

@@ -218,6 +218,7 @@ def test_sigterm_mid_evaluation_stops_it_and_resume_matches_the_uninterrupted_ru
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     assert [p["loss"] for p in resumed["train_loss"]] == pytest.approx([p["loss"] for p in full["train_loss"]],
                                                                         rel=1e-5)
+    assert resumed["final_train_loss"] == pytest.approx(full["final_train_loss"], rel=1e-5)
     # The evaluation at step 3 was cut short, so it left no figure; the one at step 6 is the same.
     assert [p["step"] for p in full["eval_loss"]] == [3, 6] and [p["step"] for p in resumed["eval_loss"]] == [6]
     assert resumed["eval_loss"][0]["loss"] == pytest.approx(full["eval_loss"][1]["loss"], rel=1e-5)

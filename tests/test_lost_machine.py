@@ -225,6 +225,9 @@ def test_sigterm_while_writing_the_outputs_exits_cleanly_and_resume_completes_th
         signal.signal(signal.SIGTERM, previous)
     assert Steps.count == 0 and summary["steps"] == 4 and summary["resumed_from"] == "checkpoint-4"
     assert (run_dir / "summary.json").is_file() and (run_dir / "merged" / "config.json").is_file()
+    # The whole run's mean train loss (logged every step here), not the 0.0 of a session that trained no step.
+    losses = [p["loss"] for p in summary["train_loss"]]
+    assert len(losses) == 4 and summary["final_train_loss"] == pytest.approx(sum(losses) / 4)
 
 
 def test_the_push_after_a_signal_waits_only_what_is_left_of_the_notice(tmp_path, small_vocab_llama_dir, monkeypatch,

@@ -208,7 +208,8 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
     from training.trainer.preemption import SaveOnPreemption
     from training.trainer.preference import build_preference_trainer, drop_reference_adapter
     from training.trainer.progress import RunForecast
-    from training.trainer.resume import RunRecord, check_matches, find_resume_point, recipe_identity
+    from training.trainer.resume import (RunRecord, check_matches, find_resume_point, mean_train_loss,
+                                         recipe_identity)
 
     started = time.time()
     out = Path(cfg.train.output_dir)
@@ -319,7 +320,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> dict:
         "train_loss": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_loss": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "final_eval_loss": final_eval.get("eval_loss"),
-        "final_train_loss": result.training_loss,
+        "final_train_loss": mean_train_loss(history) if resume_from else result.training_loss,
         "examples": examples,
         "dropped_at_tokenisation": {"train": dict(train_drop), "validation": dict(eval_drop)},
         "tokens_trained": tokens_seen,

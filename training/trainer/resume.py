@@ -179,6 +179,17 @@ def check_matches(point: ResumePoint, cfg: TrainConfig, identity: dict | None = 
                               f"{key}={_show(ours)}; {hint}")
 
 
+def mean_train_loss(history: list[dict]) -> float | None:
+    """A resumed run's mean train loss, from its whole logged history (restored from the checkpoint): each logged
+    loss weighted by the steps it covers. Trainer's own `training_loss` sums only the steps of the last session and
+    divides by all of them (0.0 for a --resume that only writes the outputs of a finished run)."""
+    total, last = 0.0, 0
+    for h in history:
+        if "loss" in h and h["step"] > last:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    return total / last if last else None
+
+
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 

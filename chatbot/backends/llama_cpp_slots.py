@@ -12,7 +12,8 @@ One engine thread owns the context (a llama_context is not thread-safe). Each st
      of freezing them, else up to n_batch.
 A prompt never shares a llama_batch with another sequence: llama.cpp splits a mixed batch into ubatches of other
 shapes, which round the prompt's KV cells differently (measured: next-token logits up to 1.1 apart, of a 35-wide
-range), while these two shapes give next-token logits bitwise equal to the request alone (on the embedded model).
+range), while these shapes give next-token logits bitwise equal to the request alone (the embedded Q4_1 model and a
+Llama-3.2-1B-shaped q4_k_m; see SMALL_BATCH).
 Requests arriving meanwhile wait for the next step. Each sequence's KV cells live in its own stream of the context
 (llama.cpp's non-unified KV cache), so attention never mixes sequences, and one sequence never runs out of room
 because of another.
@@ -35,6 +36,14 @@ from chatbot.backends.llama_cpp_seq_cache import SavedSequence, SequenceCache, s
 from chatbot.backends.token_text import TextStream, token_piece
 
 PREFILL_CHUNK = 64  # prompt tokens per sequence and step while others are generating (see docs/serving.md)
+# llama.cpp's CPU matmul takes another code path for a batch of fewer than 8 rows with some weight types (measured
+# on a q4_k_m: next-token logits up to 0.12 apart; none on the embedded Q4_1). The serial backend decodes a reply
+# one row at a time and a prompt in n_batch chunks, so generating sequences are decoded at most 7 to a batch, and a
+# prompt is cut so that none of its rows changes side (SlotScheduler.piece).
+SMALL_BATCH = 8
+# One llama_decode at a time in this process. Each uses all CHATBOT_THREADS threads; two engines decoding at once
+# (the Arena's two models) would put more busy threads than cores, and llama.cpp's threads spin at barriers.
+DECODE_LOCK = threading.Lock()
 
 
 class TokenChooser(Protocol):
@@ -77,6 +86,7 @@ class Slot:
         self.text: TextStream | None = None
         self.row: int | None = None    # this sequence's row of logits in the batch just decoded
         self.order = 0                 # when its job was admitted (ties between prompts of one length)
+        self.tail = 0                  # prompt tokens the serial path reads as a last chunk under SMALL_BATCH
 
 
 class SlotScheduler:
@@ -145,9 +155,11 @@ class SlotScheduler:
         reading = sorted((s for s in self.active() if s.pending), key=lambda s: (len(s.pending), s.order))
         # While anyone is generating, a prompt advances PREFILL_CHUNK tokens a step; else up to n_batch at once.
         each = self.prefill_chunk if generating else self.n_batch
-        for group in ([generating] if generating else []) + [[s] for s in reading]:
+        groups = [generating[i:i + SMALL_BATCH - 1] for i in range(0, len(generating), SMALL_BATCH - 1)]
+        for group in groups + [[s] for s in reading]:
             self.fill_batch(group, each)
-            code = llama_cpp.llama_decode(self.ctx, self.batch)
+            with DECODE_LOCK:
+                code = llama_cpp.llama_decode(self.ctx, self.batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code}")
             for slot in group:
@@ -177,6 +189,8 @@ class SlotScheduler:
             keep = min(shared_prefix(saved.tokens, job.prompt), len(job.prompt) - 1)
             if keep > 0 and self.restore(slot.seq, saved, keep):
                 slot.tokens, slot.pending, job.reused = job.prompt[:keep], job.prompt[keep:], keep
+        short = len(slot.pending) % self.n_batch
+        slot.tail = short if short < SMALL_BATCH else 0
 
     def restore(self, seq: int, saved: SavedSequence, keep: int) -> bool:
         data = ctypes.cast(ctypes.c_char_p(saved.state), ctypes.POINTER(ctypes.c_uint8))  # read in place, no copy
@@ -196,7 +210,8 @@ class SlotScheduler:
             if slot.next_token is not None:
                 tokens, slot.next_token = [slot.next_token], None
             else:
-                tokens, slot.pending = slot.pending[:each], slot.pending[each:]
+                take = self.piece(slot, each)
+                tokens, slot.pending = slot.pending[:take], slot.pending[take:]
             slot.row = None
             for i, token in enumerate(tokens):
                 last = i == len(tokens) - 1 and not slot.pending
@@ -207,6 +222,15 @@ class SlotScheduler:
                     slot.row = n
                 n += 1
         batch.n_tokens = n
+
+    def piece(self, slot: Slot, each: int) -> int:
+        """How many prompt tokens to read now: up to `each`, cut so that every row is computed in a batch of the
+        same kind (SMALL_BATCH rows or more, or fewer) as when the serial backend reads the prompt in n_batch chunks."""
+        body = len(slot.pending) - slot.tail
+        if body <= 0:
+            return len(slot.pending)  # the serial path's own short last chunk
+        take = min(each, body)
+        return body if body - take < SMALL_BATCH else take
 
     def take_token(self, slot: Slot, token: int) -> None:
         job = slot.job

@@ -16,7 +16,7 @@ from chatbot.backends import GenerationParams, load_backend
 from chatbot.backends.llama_cpp import LlamaCppBackend
 from chatbot.backends.llama_cpp_batched import BatchedLlamaCppBackend
 from chatbot.backends.llama_cpp_sampler import SequenceSampler
-from chatbot.backends.llama_cpp_slots import PREFILL_CHUNK, Job
+from chatbot.backends.llama_cpp_slots import PREFILL_CHUNK, SMALL_BATCH, Job
 from chatbot.history import trim
 from chatbot.settings import ConfigError, load_settings
 
@@ -194,6 +194,32 @@ def test_a_short_question_is_not_stuck_behind_a_long_prompt(batched):
         while not drain_one(job).finish_reason:
             pass
     assert firsts == ["generating", "short", "long"]
+
+
+def test_rows_stay_on_the_serial_paths_side_of_llama_cpps_small_batch_kernels():
+    """Some weight types (k-quants) take another matmul path below SMALL_BATCH rows (measured on a 1B-shaped
+    q4_k_m: logits 0.12 apart). A prompt is never cut into a piece that small unless the serial path's own last
+    n_batch chunk is, and generating sequences are decoded at most SMALL_BATCH - 1 to a batch."""
+    backend = load_backend(settings(9, CHATBOT_N_CTX="2048"))
+    try:
+        batches = record_batches(backend)
+        generating = [Recorder(backend) for _ in range(8)]
+        jobs = [backend.scheduler.submit(Job(prompt_tokens(backend, SYSTEM + [{"role": "user", "content": f"Hi {i}"}]),
+                                             40, recorder)) for i, recorder in enumerate(generating)]
+        for recorder in generating:
+            recorder.wait_for(2)
+        before = len(batches)
+        # The serial path reads 129 prompt tokens in one batch, and 515 as 512 + 3.
+        jobs += [backend.scheduler.submit(Job(list(range(1000, 1000 + n)), 1, Recorder(backend))) for n in (129, 515)]
+        for job in jobs:
+            while not drain_one(job).finish_reason:
+                pass
+        pieces = [shape[8][0] for shape in batches[before:] if 8 in shape]
+        assert pieces[:2] == [64, 65] and pieces[-1] == 3 and sum(pieces) == 129 + 515  # never [64, 64, 1]
+        assert all(n >= SMALL_BATCH for n in pieces[:-1])
+        assert max(len(shape) for shape in batches) == SMALL_BATCH - 1  # eight generating: two batches a step
+    finally:
+        backend.close()
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

@@ -16,7 +16,7 @@ from chatbot import feedback
 from chatbot.arena import Arena
 from chatbot.settings import Settings
 
-BUTTONS = {"A": "👈 A is better", "B": "👉 B is better", "tie": "🤝 Tie", "both_bad": "👎 Both are bad"}
+BUTTONS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 
 
 def intro(settings: Settings) -> str:
@@ -29,9 +29,14 @@ def intro(settings: Settings) -> str:
 def arena_tab(settings: Settings, arena: Arena) -> None:
     """The tab's components and events, inside the app's gr.Blocks (ui.build_app puts them in a gr.Tab)."""
     gr.Markdown(intro(settings), elem_id="arena-intro")
+    replies = []
     with gr.Row(equal_height=True):
-        reply_a = gr.Markdown(label="A", show_label=True, container=True, min_height=160, elem_id="arena-a")
-        reply_b = gr.Markdown(label="B", show_label=True, container=True, min_height=160, elem_id="arena-b")
+        for label in ("A", "B"):
+            with gr.Column():
+                gr.Markdown(f"### {label}")
+                replies.append(gr.Markdown(label=label, container=True, min_height=160,
+                                           elem_id=f"arena-{label.lower()}"))
+    reply_a, reply_b = replies
     status = gr.Markdown("", label="Status", elem_id="arena-status")
     with gr.Row():
         buttons = {vote: gr.Button(label, interactive=False, elem_id=f"arena-vote-{vote}")

@@ -3,8 +3,7 @@
 The prompt is always built by the GGUF's own chat template (tokenizer.chat_template in its metadata),
 never by llama-cpp-python's hand-written formats, which it would otherwise pick when a template merely
 looks like ChatML. One Llama instance is not thread-safe (two threads decoding hit a GGML assert), so
-every call holds MODEL_LOCK, one for the process: two models (the Arena's) take turns rather than put more busy
-threads than cores. With CHATBOT_CACHE_MB > 0 each conversation's state is kept after its
+every call holds the backend's lock. With CHATBOT_CACHE_MB > 0 each conversation's state is kept after its
 reply (llama_cpp_cache.py), so a returning visitor's prompt is not processed again.
 
 State is reused only within one conversation (GenerationParams.conversation; None-keyed requests share among
@@ -24,7 +23,6 @@ from chatbot.model_files import resolve_gguf
 from chatbot.settings import ConfigError, Settings
 
 TEMPLATE_KEY = "tokenizer.chat_template"
-MODEL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -84,7 +82,7 @@ class LlamaCppBackend:
         self.path = path
         self.model_name = path.name
         self.n_ctx = self.llm.n_ctx()
-        self.lock = MODEL_LOCK
+        self.lock = threading.Lock()
         self.live: str | None = None  # the conversation whose tokens are in the llama.cpp context now
         self.cache = None
         if settings.cache_mb > 0:

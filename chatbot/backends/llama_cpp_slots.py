@@ -41,9 +41,6 @@ PREFILL_CHUNK = 64  # prompt tokens per sequence and step while others are gener
 # one row at a time and a prompt in n_batch chunks, so generating sequences are decoded at most 7 to a batch, and a
 # prompt is cut so that none of its rows changes side (SlotScheduler.piece).
 SMALL_BATCH = 8
-# One llama_decode at a time in this process. Each uses all CHATBOT_THREADS threads; two engines decoding at once
-# (the Arena's two models) would put more busy threads than cores, and llama.cpp's threads spin at barriers.
-DECODE_LOCK = threading.Lock()
 
 
 class TokenChooser(Protocol):
@@ -158,8 +155,7 @@ class SlotScheduler:
         groups = [generating[i:i + SMALL_BATCH - 1] for i in range(0, len(generating), SMALL_BATCH - 1)]
         for group in groups + [[s] for s in reading]:
             self.fill_batch(group, each)
-            with DECODE_LOCK:
-                code = llama_cpp.llama_decode(self.ctx, self.batch)
+            code = llama_cpp.llama_decode(self.ctx, self.batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code}")
             for slot in group:

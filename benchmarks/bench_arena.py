@@ -8,16 +8,16 @@ CHATBOT_ARENA_MODEL's, both loaded once as app.py loads them.
 Greedy decoding (CHATBOT_TEMPERATURE=0), one prompt, new sessions. The second model is by default a copy of the
 embedded SmolLM2-135M GGUF in a temp folder (a separate file, so nothing is shared but the code): the same size and
 architecture as the CPU recipe's export, and the same replies, so an arena turn decodes exactly twice a normal turn's
-tokens. Per turn: wall time to the last text, time to the first text (of each side), tokens, decode tokens/s, and the
-process's CPU seconds (what the turn takes of the machine's cores); tokens/s is every token over the wall time. Three turns, each round in a rotated order:
-`normal` (one model), `arena` (the app: both sides at once, taking turns at llama.cpp, DECODE_LOCK) and `arena,
-free` (both at once with the lock off, each engine with all its threads: the alternative the lock replaced). Medians
-of --rounds rounds, after a warm-up; the resident memory with the chat model alone and with both loaded.
+tokens. Per turn: wall time to the last text, time to the first text (of each model), tokens, tokens/s (every token
+over the wall time) and the process's CPU seconds (what the turn takes of the machine's cores). Three turns, each
+round in a rotated order: `normal` (the chat model), `arena` (the app's battle: both models at once, each engine with
+all CHATBOT_THREADS threads) and `arena, one after the other` (the same two replies, the second model starting when
+the first is done: what a battle would cost without generating both at once). Medians of --rounds rounds, after a
+warm-up; the resident memory with the chat model alone and with both loaded.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import shutil
 import statistics
@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: put the repository on sys.path
     import repo_root  # noqa: F401
 
 PROMPT = "Write a detailed essay about the history of computers, with an introduction and three sections."
-TURNS = ("normal", "arena", "arena, free")
+TURNS = ("normal", "arena", "arena, one after the other")
 
 
 class Counted:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from chatbot.arena import Arena
-    from chatbot.backends import llama_cpp_slots, load_arena_backend, load_backend
+    from chatbot.backends import load_arena_backend, load_backend
     from chatbot.model_files import embedded_gguf_path
     from chatbot.settings import load_settings
     from chatbot.ui import make_respond
@@ -104,24 +104,20 @@ def main(argv: list[str] | None = None) -> dict:
         alone = rss_mib()
         other = Counted(load_arena_backend(settings))
         both = rss_mib()
-        respond = make_respond(settings, chat)
+        respond = {backend: make_respond(settings, backend) for backend in (chat, other)}
         arena = Arena(settings, chat, other)
-        lock = llama_cpp_slots.DECODE_LOCK
 
-        def normal() -> None:
-            for _ in respond(PROMPT, []):
+        def normal(*backends: Counted) -> None:
+            for backend in backends:
+                for _ in respond[backend](PROMPT, []):
+                    pass
+
+        def battle() -> None:
+            for _ in arena.fight(PROMPT, None):
                 pass
 
-        def battle(free: bool) -> None:
-            llama_cpp_slots.DECODE_LOCK = contextlib.nullcontext() if free else lock
-            try:
-                for _ in arena.fight(PROMPT, None):
-                    pass
-            finally:
-                llama_cpp_slots.DECODE_LOCK = lock
-
-        runs = {"normal": (normal, [chat]), "arena": (lambda: battle(False), [chat, other]),
-                "arena, free": (lambda: battle(True), [chat, other])}
+        runs = {"normal": (lambda: normal(chat), [chat]), "arena": (battle, [chat, other]),
+                "arena, one after the other": (lambda: normal(chat, other), [chat, other])}
         measure(*runs["normal"])  # warm-up (page cache, first allocations): not reported
         found: dict[str, list[dict]] = {turn: [] for turn in TURNS}
         for r in range(args.rounds):

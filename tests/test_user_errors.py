@@ -92,6 +92,7 @@ def test_base_without_chat_template_and_no_model_chat_template(tmp_path, tiny_ll
     (["--lora.target_modules", "qkv_proj"], "lora.target_modules=['qkv_proj'] names no layer of this model"),
     (["--train.max_length", "3"], "no usable training examples left after tokenisation"),
     (["--model.mode", "gpu"], "model.mode='gpu' is not accepted"),
+    (["--train.preemption_notice_s", "0"], "train.preemption_notice_s=0.0 is not valid; accepted: seconds > 0"),
 ])
 def test_settings_that_cannot_run(tmp_path, tiny_llama_dir, capsys, override, expected):
     line = _one_line_exit_2(capsys, ["--config", str(_recipe(tmp_path, tiny_llama_dir)), *override])

@@ -222,6 +222,31 @@ def test_rows_stay_on_the_serial_paths_side_of_llama_cpps_small_batch_kernels():
         backend.close()
 
 
+def test_prompts_of_one_length_arriving_together_share_a_batch_and_stay_exact(batched, serial):
+    """Visitors who send at the same moment: prompts whose pieces are equally long are read in one batch."""
+    topics = ["the history of computers", "how bridges are built", "the water cycle", "the Roman Empire"]
+    prompts = [prompt_tokens(batched, SYSTEM + [{"role": "user", "content": f"Write a detailed essay about {t}, with "
+                                                 "an introduction and three sections."}]) for t in topics]
+    assert len({len(p) for p in prompts}) == 2  # two lengths, two prompts each
+    references = [alone(serial, p, GREEDY, 6) for p in prompts]
+    recorders = [Recorder(batched, forced=tokens) for tokens, _ in references]
+    batches = record_batches(batched)
+    try:
+        with batched.scheduler.wake:  # all four arrive between two steps
+            jobs = [batched.scheduler.submit(Job(p, 6, r)) for p, r in zip(prompts, recorders)]
+        for job in jobs:
+            while not drain_one(job).finish_reason:
+                pass
+    finally:
+        del batched.scheduler.fill_batch
+    short, long = sorted({len(p) for p in prompts})
+    assert sorted(sorted(n for n, _ in shape.values()) for shape in batches[:2]) == [[short] * 2, [long] * 2]
+    for recorder, (tokens, rows) in zip(recorders, references):
+        assert recorder.tokens == tokens
+        for got, ref in zip(recorder.rows, rows):
+            assert float(np.abs(got - ref).max()) <= LOGIT_TOLERANCE * float(np.abs(ref).max())
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -7,13 +7,13 @@ One engine thread owns the context (a llama_context is not thread-safe). Each st
   3. decodes the last sampled token of every generating sequence in one llama_batch (the batching that makes
      four visitors cost little more than one), and samples each sequence's next token with its own sampler
      chain from its row of logits,
-  4. decodes the next piece of each prompt still being read, one llama_batch per prompt, shortest prompt left
-     first: PREFILL_CHUNK tokens while anyone is generating, so a long prompt slows the others' streams instead
-     of freezing them, else up to n_batch.
-A prompt never shares a llama_batch with another sequence: llama.cpp splits a mixed batch into ubatches of other
-shapes, which round the prompt's KV cells differently (measured: next-token logits up to 1.1 apart, of a 35-wide
-range), while these shapes give next-token logits bitwise equal to the request alone (the embedded Q4_1 model and a
-Llama-3.2-1B-shaped q4_k_m; see SMALL_BATCH).
+  4. decodes the next piece of each prompt still being read, shortest prompt left first: PREFILL_CHUNK tokens
+     while anyone is generating, so a long prompt slows the others' streams instead of freezing them, else up to
+     n_batch; prompts whose pieces are equally long share a llama_batch, the others have one each.
+A prompt never shares a llama_batch with generating sequences or with a piece of another length: llama.cpp splits
+such a batch into ubatches of other shapes, which round the prompt's KV cells differently (measured: next-token
+logits up to 1.1 apart, of a 35-wide range), while these shapes give next-token logits bitwise equal to the request
+alone (the embedded Q4_1 model and a Llama-3.2-1B-shaped q4_k_m; see SMALL_BATCH).
 Requests arriving meanwhile wait for the next step. Each sequence's KV cells live in its own stream of the context
 (llama.cpp's non-unified KV cache), so attention never mixes sequences, and one sequence never runs out of room
 because of another.
@@ -152,9 +152,17 @@ class SlotScheduler:
         reading = sorted((s for s in self.active() if s.pending), key=lambda s: (len(s.pending), s.order))
         # While anyone is generating, a prompt advances PREFILL_CHUNK tokens a step; else up to n_batch at once.
         each = self.prefill_chunk if generating else self.n_batch
-        groups = [generating[i:i + SMALL_BATCH - 1] for i in range(0, len(generating), SMALL_BATCH - 1)]
-        for group in groups + [[s] for s in reading]:
-            self.fill_batch(group, each)
+        groups = [(generating[i:i + SMALL_BATCH - 1], 1) for i in range(0, len(generating), SMALL_BATCH - 1)]
+        # Prompts whose next pieces are equally long are read in one batch (llama.cpp computes each of their rows
+        # as it would alone); others each in their own.
+        same: dict[int, list[Slot]] = {}
+        for slot in reading:
+            same.setdefault(self.piece(slot, each), []).append(slot)
+        for take, slots in same.items():
+            fit = max(1, self.n_batch // take)
+            groups += [(slots[i:i + fit], take) for i in range(0, len(slots), fit)]
+        for group, take in groups:
+            self.fill_batch(group, take)
             code = llama_cpp.llama_decode(self.ctx, self.batch)
             if code != 0:
                 raise RuntimeError(f"llama_decode returned {code}")
@@ -198,15 +206,14 @@ class SlotScheduler:
             return False
         return True
 
-    def fill_batch(self, group: list[Slot], each: int) -> None:
+    def fill_batch(self, group: list[Slot], take: int) -> None:
         """Put one llama_decode call's tokens into self.batch: the next token of each generating sequence in
-        `group`, or the next `each` tokens of a prompt (logits only for its last token)."""
+        `group`, or the next `take` tokens of each prompt (logits only for a prompt's last token)."""
         batch, n = self.batch, 0
         for slot in group:
             if slot.next_token is not None:
                 tokens, slot.next_token = [slot.next_token], None
             else:
-                take = self.piece(slot, each)
                 tokens, slot.pending = slot.pending[:take], slot.pending[take:]
             slot.row = None
             for i, token in enumerate(tokens):

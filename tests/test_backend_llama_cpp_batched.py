@@ -216,8 +216,18 @@ def test_rows_stay_on_the_serial_paths_side_of_llama_cpps_small_batch_kernels():
                 pass
         pieces = [shape[8][0] for shape in batches[before:] if 8 in shape]
         assert pieces[:2] == [64, 65] and pieces[-1] == 3 and sum(pieces) == 129 + 515  # never [64, 64, 1]
+        # Short pieces of several prompts together stay under SMALL_BATCH rows too.
+        before = len(batches)
+        with backend.scheduler.wake:  # three 3-token prompts arrive together
+            jobs = [backend.scheduler.submit(Job(list(range(2000 + 10 * i, 2003 + 10 * i)), 1, Recorder(backend)))
+                    for i in range(3)]
+        for job in jobs:
+            while not drain_one(job).finish_reason:
+                pass
+        assert [sum(n for n, _ in shape.values()) for shape in batches[before:]] == [6, 3]
         assert all(n >= SMALL_BATCH for n in pieces[:-1])
-        assert max(len(shape) for shape in batches) == SMALL_BATCH - 1  # eight generating: two batches a step
+        next_tokens = [shape for shape in batches if set(shape.values()) == {(1, 1)}]
+        assert max(len(shape) for shape in next_tokens) == SMALL_BATCH - 1  # eight generating: two batches a step
     finally:
         backend.close()
 

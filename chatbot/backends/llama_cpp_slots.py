@@ -158,8 +158,8 @@ class SlotScheduler:
         same: dict[int, list[Slot]] = {}
         for slot in reading:
             same.setdefault(self.piece(slot, each), []).append(slot)
-        for take, slots in same.items():
-            fit = max(1, self.n_batch // take)
+        for take, slots in same.items():  # short pieces stay under SMALL_BATCH rows together, as they are alone
+            fit = max(1, (SMALL_BATCH - 1 if take < SMALL_BATCH else self.n_batch) // take)
             groups += [(slots[i:i + fit], take) for i in range(0, len(slots), fit)]
         for group, take in groups:
             self.fill_batch(group, take)

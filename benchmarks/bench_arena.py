@@ -12,8 +12,10 @@ tokens. Per turn: wall time to the last text, time to the first text (of each mo
 over the wall time) and the process's CPU seconds (what the turn takes of the machine's cores). Three turns, each
 round in a rotated order: `normal` (the chat model), `arena` (the app's battle: both models at once, each engine with
 all CHATBOT_THREADS threads) and `arena, one after the other` (the same two replies, the second model starting when
-the first is done: what a battle would cost without generating both at once). Medians of --rounds rounds, after a
-warm-up; the resident memory with the chat model alone and with both loaded.
+the first is done: what a battle would cost without generating both at once); before them, in the same process,
+`normal, before the arena model is loaded` (the app without an Arena: once a process runs two llama.cpp engines,
+their OpenMP threads outnumber the cores and libgomp makes them wait passively instead of spinning). Medians of
+--rounds rounds, after a warm-up; the resident memory with the chat model alone and with both loaded.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: put the repository on sys.path
     import repo_root  # noqa: F401
 
 PROMPT = "Write a detailed essay about the history of computers, with an introduction and three sections."
+ALONE = "normal, before the arena model is loaded"
 TURNS = ("normal", "arena", "arena, one after the other")
 
 
@@ -102,15 +105,25 @@ def main(argv: list[str] | None = None) -> dict:
         before = rss_mib()
         chat = Counted(load_backend(settings))
         alone = rss_mib()
-        other = Counted(load_arena_backend(settings))
-        both = rss_mib()
-        respond = {backend: make_respond(settings, backend) for backend in (chat, other)}
-        arena = Arena(settings, chat, other)
+        respond = {chat: make_respond(settings, chat)}
 
         def normal(*backends: Counted) -> None:
             for backend in backends:
                 for _ in respond[backend](PROMPT, []):
                     pass
+
+        def report(turn: str, row: dict) -> None:
+            found[turn].append(row)
+            print(f"{turn}: {row['wall']:.2f} s, {row['tokens']} tokens, CPU {row['cpu']:.2f} s", flush=True)
+
+        found: dict[str, list[dict]] = {turn: [] for turn in (ALONE, *TURNS)}
+        measure(lambda: normal(chat), [chat])  # warm-up (page cache, first allocations): not reported
+        for _ in range(args.rounds):  # the app without an Arena: llama.cpp's threads as a one-model process has them
+            report(ALONE, measure(lambda: normal(chat), [chat]))
+        other = Counted(load_arena_backend(settings))
+        both = rss_mib()
+        respond[other] = make_respond(settings, other)
+        arena = Arena(settings, chat, other)
 
         def battle() -> None:
             for _ in arena.fight(PROMPT, None):
@@ -118,20 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
 
         runs = {"normal": (lambda: normal(chat), [chat]), "arena": (battle, [chat, other]),
                 "arena, one after the other": (lambda: normal(chat, other), [chat, other])}
-        measure(*runs["normal"])  # warm-up (page cache, first allocations): not reported
-        found: dict[str, list[dict]] = {turn: [] for turn in TURNS}
         for r in range(args.rounds):
             for turn in TURNS[r % 3:] + TURNS[:r % 3]:
-                row = measure(*runs[turn])
-                found[turn].append(row)
-                print(f"round {r + 1}, {turn}: {row['wall']:.2f} s, {row['tokens']} tokens, CPU {row['cpu']:.2f} s",
-                      flush=True)
+                report(turn, measure(*runs[turn]))
         for backend in (chat.backend, other.backend):
             backend.close()
 
     rows = {turn: {key: ([statistics.median(r[key][i] for r in found[turn]) for i in range(len(found[turn][0][key]))]
                          if isinstance(found[turn][0][key], list) else statistics.median(r[key] for r in found[turn]))
-                   for key in found[turn][0]} for turn in TURNS}
+                   for key in found[turn][0]} for turn in found}
     base = rows["normal"]
     shown = "a copy of the embedded SmolLM2-135M Q4_1" if args.second is None else Path(second).name
     print(f"\nembedded SmolLM2-135M Q4_1 against {shown}: {args.threads} threads, CHATBOT_PARALLEL={args.parallel}, "
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| turn | wall (s) | first text, chat / arena model (s) | tokens | tokens/s | CPU (s) | wall / normal | "
           "CPU / normal |")
     print("|---|---|---|---|---|---|---|---|")
-    for turn in TURNS:
+    for turn in found:
         row = rows[turn]
         print(f"| {turn} | {row['wall']:.2f} | {' / '.join(f'{t:.2f}' for t in row['first'])} | {row['tokens']:.0f} | "
               f"{row['tps']:.1f} | {row['cpu']:.2f} | {row['wall'] / base['wall']:.2f}× | "

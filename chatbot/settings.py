@@ -170,10 +170,9 @@ def arena_settings(settings: Settings) -> Settings | None:
 
 def _parallel(env: Mapping[str, str], backend: str) -> int:
     """CHATBOT_PARALLEL: how many conversations the llama_cpp backend decodes at once (default: Settings.parallel,
-    chosen by benchmarks/bench_visitors.py); other backends serve one at a time or scale elsewhere."""
-    default = Settings.parallel if backend == "llama_cpp" else 1
-    value = _number(env, "CHATBOT_PARALLEL", int, default, lo=1, hi=MAX_PARALLEL)
-    if value > 1 and backend != "llama_cpp":
+    chosen by benchmarks/bench_visitors.py); the other backends ignore it, and refuse it set above 1."""
+    value = _number(env, "CHATBOT_PARALLEL", int, Settings.parallel, lo=1, hi=MAX_PARALLEL)
+    if value > 1 and backend != "llama_cpp" and _get(env, "CHATBOT_PARALLEL") is not None:
         raise _bad("CHATBOT_PARALLEL", env["CHATBOT_PARALLEL"], "1 (or unset) with CHATBOT_BACKEND=" + backend
                    + "; batched decoding is the llama_cpp backend's")
     return value

@@ -527,7 +527,7 @@ def test_parallel_setting_selects_the_path_and_allocates_kv_for_every_slot(batch
     assert batched.max_concurrency == 4 and serial.max_concurrency == 1
     assert batched.n_ctx == serial.n_ctx == 1024  # every visitor keeps the whole context
     assert llama_cpp.llama_n_ctx(batched.ctx) == 4 * 1024
-    assert load_settings({}).parallel == 4 and load_settings({"CHATBOT_BACKEND": "mock"}).parallel == 1
+    assert load_settings({}).parallel == 4
 
 
 @pytest.mark.parametrize("env, message", [

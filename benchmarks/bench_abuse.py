@@ -34,6 +34,7 @@ import httpx
 
 from tools.gradio_http import Tab, join_queue, post_run, text_message
 from tools.live_app import ROOT, LiveApp, live_app
+from training.trainer.peak_memory import rss_bytes
 
 MIB = 2**20
 SAMPLED = ("", 1.0, 0.95, 24, 1.1, 0.0)  # no system prompt, temperature 1, top-p 0.95, 24 tokens, penalty, min-p
@@ -41,10 +42,8 @@ SENTENCE = "The merger with Northwind closes on 3 March at a price of 41 million
 
 
 def rss_mb(app: LiveApp) -> float:
-    for line in Path(f"/proc/{app.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    now = rss_bytes(app.proc.pid)
+    return float("nan") if now is None else now / 2**20
 
 
 def folder_bytes(folder: Path) -> int:

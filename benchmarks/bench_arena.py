@@ -30,6 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
     import repo_root  # noqa: F401
 
+from training.trainer.peak_memory import rss_bytes
+
 PROMPT = "Write a detailed essay about the history of computers, with an introduction and three sections."
 ALONE = "normal, before the arena model is loaded"
 TURNS = ("normal", "arena", "arena, one after the other")
@@ -55,10 +57,8 @@ class Counted:
 
 def rss_mib() -> float:
     """This process's resident memory now (Linux /proc), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    now = rss_bytes()
+    return float("nan") if now is None else now / 2**20
 
 
 def cpu_seconds() -> float:

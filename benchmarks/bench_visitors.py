@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: put the repository on sys.path
 
 from benchmarks.chat_app import chat_inputs, chat_parameters, start_app, stop_app, stream_over_http
 from chatbot.timing import decode_rate
+from training.trainer.peak_memory import rss_bytes
 
 TOPICS = ["the history of computers", "how bridges are built", "the water cycle", "the Roman Empire",
           "how vaccines work", "the life of bees", "the invention of printing", "how airplanes fly"]
@@ -83,10 +84,8 @@ def median_round(rounds: list[dict]) -> dict:
 
 def peak_rss_mib(pid: int) -> float:
     """A running process's peak resident memory (Linux /proc), MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    peak = rss_bytes(pid, "VmHWM")
+    return float("nan") if peak is None else peak / 2**20
 
 
 def random_gguf(shape: str) -> Path:

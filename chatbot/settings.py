@@ -49,7 +49,7 @@ class Settings:
     top_p: float = 0.9
     min_p: float = 0.05                  # llama.cpp's default; 0 = off
     repeat_penalty: float = 1.2          # 1 = off; measured: the embedded model's answers loop 38% at 1.0, 6% at
-    #                                      1.1, 0% at 1.2 (benchmarks/bench_turns.py, README)
+    #                                      1.1, 0% at 1.2 (benchmarks/bench_turns.py, docs/benchmarks.md)
     seed: int | None = None
     n_ctx: int = 4096                    # 0 = the model's full trained length
     threads: int = 1                     # load_settings: CPU_CORES, else half the logical CPUs

@@ -30,6 +30,7 @@ APP = [
     "chatbot/backends/__init__.py",
     "chatbot/backends/mock.py",
     "chatbot/ui.py",
+    "docs/serving.md",  # the README's links point into docs/
     "requirements.txt",
 ]
 NOT_APP = [
@@ -49,6 +50,7 @@ NOT_APP = [
     "wandb/run-1/files/output.log",
     "requirements-dev.txt",
     "notes.txt",
+    "docs/screenshot.png",
 ]
 
 
@@ -134,6 +136,9 @@ def test_selection_of_this_repository_is_the_app_only():
     assert Path(deploy.__file__).resolve().relative_to(ROOT).as_posix() not in files
     assert not [f for f in files if f.split("/")[0] in {"tests", "training", "benchmarks", "tools", ".ci", ".git"}]
     assert not [f for f in files if "__pycache__" in f or f.endswith((".gguf", ".safetensors", ".pyc"))]
+    # The README links into docs/: its pages go up with it, so the links work on the Space.
+    assert [f for f in files if f.startswith("docs/")] == sorted(p.relative_to(ROOT).as_posix()
+                                                                for p in (ROOT / "docs").glob("*.md"))
 
 
 def _local_imports(py: Path, top_levels: set[str]) -> set[str]:

@@ -31,7 +31,8 @@ if __package__ in (None, ""):
 from chatbot.settings import ConfigError, load_settings  # noqa: E402
 
 # An allowlist rather than "everything but": the Space runs `python app.py` and installs requirements.txt,
-# nothing more, so training code, tests, benchmarks and whatever a user leaves lying around stay home.
+# nothing more, so training code, tests, benchmarks and whatever a user leaves lying around stay home. The docs go
+# up with the README so that its links work on the Space's page.
 # (`*` crosses "/" in huggingface_hub's matching, so "chatbot/*" takes the whole package: the upload follows the
 # folder, and whatever is added to chatbot/ goes up with it.)
 APP_PATTERNS = [
@@ -40,6 +41,7 @@ APP_PATTERNS = [
     "requirements.txt",
     "packages.txt",
     "README.md",
+    "docs/*.md",
     ".gitattributes",
     "LICENSE",
 ]

@@ -6,7 +6,7 @@ base weights, precision, 4-bit compute dtype, attention, packing, Liger and opti
 `probe()` describes the real device. An explicit setting that cannot run there, or a base and recipe whose trained
 model the merge could not reproduce, raises `PlanError` (one line) before anything is computed. Whether the model
 keeps packed sequences apart is measured on its architecture (training.trainer.packing_check), not assumed.
-The rules and why: each rule's function below; the table per GPU: README, "What the kit chooses on each GPU".
+The rules and why: each rule's function below; the table per GPU: docs/fine-tuning.md, "The hardware plan".
 """
 from __future__ import annotations
 

@@ -1,20 +1,26 @@
-"""Peak memory of this process: resident RAM (RSS) and CUDA memory allocated by torch."""
+"""Memory of a process: resident RAM (RSS, now and at its peak) and CUDA memory allocated by torch."""
 from __future__ import annotations
 
 import resource
 from pathlib import Path
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process since its exec (VmHWM). ru_maxrss would not do: Linux carries it over
-    from the parent across fork+exec, so a child of a big process would report the parent's peak."""
+def rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int | None:
+    """A process's resident memory from Linux /proc: VmRSS (now) or VmHWM (peak since its exec); None elsewhere."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since its exec (VmHWM). ru_maxrss would not do: Linux carries it over
+    from the parent across fork+exec, so a child of a big process would report the parent's peak."""
+    peak = rss_bytes("self", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def peak_cuda_allocated_bytes() -> int:

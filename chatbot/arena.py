@@ -30,10 +30,10 @@ from chatbot.arena_record import LABELS, VOTES, served_model, vote_record
 from chatbot.backends.base import Backend, GenerationParams, fresh_seed
 from chatbot.feedback import FeedbackCollector
 from chatbot.history import build_messages, content_text, trim
+from chatbot.reply import conversation_key, notice, refuse_message, stream_reply, too_long
 from chatbot.served_replies import IDLE_SECONDS, MAX_SESSIONS, Served
 from chatbot.session_store import SessionStore
 from chatbot.settings import Settings, arena_settings
-from chatbot.ui import conversation_key, notice, refuse_message, stream_reply, too_long
 
 MAX_BATTLES_PER_SESSION = 16  # finished battles of one session still waiting for a vote
 MAX_VOTED = 256               # battle ids a session voted on, remembered to answer a repeat

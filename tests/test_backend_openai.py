@@ -231,9 +231,9 @@ def test_real_server_stops_at_max_new_tokens(llama_server):
 
 
 def test_stop_in_the_app_ends_the_real_servers_generation(llama_server):
-    """The app's stream (chatbot.ui.stream_reply, what Gradio closes when a visitor presses stop) over the openai
+    """The app's stream (chatbot.reply.stream_reply, what Gradio closes when a visitor presses stop) over the openai
     backend: closing it closes the HTTP stream, and the server says the client went away and stops decoding."""
-    from chatbot.ui import stream_reply
+    from chatbot.reply import stream_reply
 
     _, log_path = llama_server
     reply = stream_reply(real_backend(llama_server), [{"role": "user", "content": "Write a long story about a cat."}],

@@ -149,7 +149,7 @@ def test_the_backend_runs_with_the_visitors_request_in_context():
     from gradio.context import LocalContext
 
     from chatbot.backends.base import Chunk, GenerationParams
-    from chatbot.ui import stream_reply
+    from chatbot.reply import stream_reply
 
     class Recorder:
         seen = "unset"

@@ -131,14 +131,23 @@ def test_recipe_runs_on_its_architecture_and_serves_with_the_training_prompt(rec
     if not exports_gguf:
         return
 
-    # The Space's default backend on the export: llama.cpp renders the GGUF's template into the trained prompt.
+    # The Space's backends on the export: llama.cpp renders the GGUF's template into the trained prompt, on the
+    # batched path (the default) and the serial one (CHATBOT_PARALLEL=1).
     from chatbot.backends.llama_cpp import extra_buffers
 
-    with extra_buffers(False):
-        gguf_backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"), "CHATBOT_THREADS": "1",
-                                                   "CHATBOT_GGUF_FILE": "*q4_k_m.gguf"}))
-    fed = []
-    complete = gguf_backend.llm.create_completion
-    gguf_backend.llm.create_completion = lambda prompt, **kw: fed.append(list(prompt)) or complete(prompt, **kw)
-    chunks = list(gguf_backend.stream(conv[:1], GenerationParams(max_new_tokens=4, temperature=0.0)))
-    assert fed == [served] and chunks[-1].finish_reason in ("stop", "length")
+    for parallel in ("4", "1"):
+        with extra_buffers(False):
+            gguf_backend = load_backend(load_settings({"CHATBOT_MODEL": str(out / "gguf"), "CHATBOT_THREADS": "1",
+                                                       "CHATBOT_GGUF_FILE": "*q4_k_m.gguf",
+                                                       "CHATBOT_PARALLEL": parallel}))
+        fed = []
+        if parallel == "1":
+            complete = gguf_backend.llm.create_completion
+            gguf_backend.llm.create_completion = lambda prompt, **kw: fed.append(list(prompt)) or complete(prompt, **kw)
+        else:
+            submit = gguf_backend.scheduler.submit
+            gguf_backend.scheduler.submit = lambda job: fed.append(list(job.prompt)) or submit(job)
+        chunks = list(gguf_backend.stream(conv[:1], GenerationParams(max_new_tokens=4, temperature=0.0)))
+        assert fed == [served], f"CHATBOT_PARALLEL={parallel}"
+        assert chunks[-1].finish_reason in ("stop", "length")
+        getattr(gguf_backend, "close", lambda: None)()

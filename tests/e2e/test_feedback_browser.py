@@ -26,19 +26,23 @@ def test_thumbs_and_retry_in_the_browser_land_in_the_jsonl(browser, serve_app, p
         wait_idle(page)
         first = bot_texts(page)[-1].strip()
         page.locator("button.label-wrap", has_text="Settings").click()
-        page.get_by_label("System prompt", exact=True).fill("Answer like a pirate.")  # the next replies' prompt, not the first's
+        prompt_box = page.get_by_label("System prompt", exact=True)
+        prompt_box.fill("Answer like a pirate.")  # the next replies' prompt, not the first's
+        prompt_box.press("Tab")  # leave the box, as a visitor does, so the page has taken the new value before the send
+        wait_until(lambda: prompt_box.input_value() == "Answer like a pirate.", 10, "the new system prompt")
+        page.wait_for_timeout(200)  # the frontend hands the value to its store on its next tick; a loaded box is slow
         send(page, "Second question")
         wait_idle(page)
         second = bot_texts(page)[-1].strip()
 
         page.get_by_role("button", name="Like", exact=True).first.click()    # thumbs up on the first reply
         page.get_by_role("button", name="Dislike", exact=True).last.click()  # thumbs down on the second
-        wait_until(lambda: len(records(tmp_path)) >= 2, 10, "two thumbs records")
+        wait_until(lambda: len(records(tmp_path)) >= 2, 30, "two thumbs records")
         page.get_by_role("button", name="Retry").last.click()      # regenerate the second reply...
         wait_idle(page)
         send(page, "Third question")                               # ...and go on with the new one
         wait_idle(page)
-        wait_until(lambda: len(records(tmp_path)) >= 4, 10, "the retried and kept records")
+        wait_until(lambda: len(records(tmp_path)) >= 4, 30, "the retried and kept records")
         page.screenshot(path=artifacts / "feedback.png")
 
     up, down, retried, kept = records(tmp_path)

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tools.ports import free_port
+from tools.live_app import live_app
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("E2E_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -80,41 +75,7 @@ def serve_app(artifacts):
 
 @contextmanager
 def running_app(name: str, artifacts: Path, env: dict[str, str], timeout: float = 90.0):
-    """`python app.py` with a clean CHATBOT_* environment plus `env`; yields its URL once it answers HTTP."""
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATBOT_", "GRADIO_"))}
-    full_env.update(
-        GRADIO_SERVER_NAME="127.0.0.1",
-        GRADIO_SERVER_PORT=str(port),
-        GRADIO_ANALYTICS_ENABLED="False",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-        **env,
-    )
-    log_path = artifacts / f"app-{name}.log"
-    url = f"http://127.0.0.1:{port}/"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"app exited with {proc.returncode} before serving:\n{log_path.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"app did not answer on {url} within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.25)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """`python app.py` with a clean CHATBOT_* environment plus `env` (tools/live_app.py); yields its URL once it
+    answers HTTP. Its log is test-artifacts/app-NAME.log."""
+    with live_app(env, artifacts / f"app-{name}.log", timeout=timeout) as app:
+        yield app.url

@@ -46,6 +46,19 @@ def send(page, text):
     box.press("Enter")
 
 
+def set_text(page, box, text: str) -> None:
+    """Type `text` into `box` and leave it, as a visitor does; again until the box still holds it a moment later.
+    A settings box mounts when its accordion opens and takes its initial value a moment later: a fill in the first
+    few hundred ms was reset in 4 of 8 runs (none after waiting 1.5 s), and CI once sent the old system prompt."""
+    for _ in range(5):
+        box.fill(text)
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == text:
+            return
+    pytest.fail(f"the box would not keep {text!r}; it holds {box.input_value()!r}")
+
+
 def bot_texts(page) -> list[str]:
     return page.locator('[data-testid="bot"]').all_inner_texts()
 
@@ -166,7 +179,7 @@ def test_system_prompt_in_settings_takes_effect(mock_app, page, artifacts):
     system_box.wait_for(state="visible")
     accordion = page.locator('[data-testid="accordion-content"]', has=page.get_by_label("System prompt"))
     assert accordion.count() == 1, "the System prompt box is not inside the Settings accordion"
-    system_box.fill("You are a pirate. Answer in rhymes.")
+    set_text(page, system_box, "You are a pirate. Answer in rhymes.")
     send(page, "Who are you?")
     final = watch_reply(page)[-1]
     assert "system prompt: You are a pirate. Answer in rhymes." in final, final

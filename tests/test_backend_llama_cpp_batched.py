@@ -16,7 +16,7 @@ from chatbot.backends import GenerationParams, load_backend
 from chatbot.backends.llama_cpp import LlamaCppBackend
 from chatbot.backends.llama_cpp_batched import BatchedLlamaCppBackend
 from chatbot.backends.llama_cpp_sampler import SequenceSampler
-from chatbot.backends.llama_cpp_slots import PREFILL_CHUNK, SMALL_BATCH, Job
+from chatbot.backends.llama_cpp_slots import PREFILL_CHUNK, SMALL_BATCH, Job, Slot
 from chatbot.history import trim
 from chatbot.settings import ConfigError, load_settings
 
@@ -230,6 +230,30 @@ def test_rows_stay_on_the_serial_paths_side_of_llama_cpps_small_batch_kernels():
         assert max(len(shape) for shape in next_tokens) == SMALL_BATCH - 1  # eight generating: two batches a step
     finally:
         backend.close()
+
+
+def test_a_prompt_is_never_cut_into_a_piece_larger_than_the_batch(batched):
+    """Whatever mix of steps with and without others generating reads a prompt, every piece fits in the batch
+    (llama_batch_init's n_batch rows: one more is written past its arrays) and only the serial path's own short
+    last chunk is under SMALL_BATCH. Found by review: a 577-token prompt read 64 tokens while another visitor was
+    generating, then alone, was given one piece of 513 tokens."""
+    scheduler = batched.scheduler
+    n_batch = scheduler.n_batch
+    for length in range(1, 2 * n_batch + 80):
+        for generating_steps in (0, 1, 2, 9):  # steps read while someone else generates, then alone
+            slot = Slot(0)
+            slot.pending = list(range(length))
+            short = length % n_batch
+            slot.tail = short if short < SMALL_BATCH else 0
+            pieces, step = [], 0
+            while slot.pending:
+                take = scheduler.piece(slot, PREFILL_CHUNK if step < generating_steps else n_batch)
+                pieces.append(take)
+                slot.pending = slot.pending[take:]
+                step += 1
+            assert sum(pieces) == length and max(pieces) <= n_batch, (length, generating_steps, pieces)
+            assert all(n >= SMALL_BATCH for n in pieces[:-1]), (length, generating_steps, pieces)
+            assert pieces[-1] >= SMALL_BATCH or pieces[-1] == slot.tail or length < SMALL_BATCH
 
 
 def test_prompts_of_one_length_arriving_together_share_a_batch_and_stay_exact(batched, serial):

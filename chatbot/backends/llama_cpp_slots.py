@@ -233,7 +233,11 @@ class SlotScheduler:
         if body <= 0:
             return len(slot.pending)  # the serial path's own short last chunk
         take = min(each, body)
-        return body if body - take < SMALL_BATCH else take
+        if body - take >= SMALL_BATCH:
+            return take
+        # What would be left is under SMALL_BATCH rows: read it now too, unless that overflows the batch (a prompt
+        # that began while others were generating can have n_batch + 1..7 left): then leave SMALL_BATCH for later.
+        return body if body <= self.n_batch else body - SMALL_BATCH
 
     def take_token(self, slot: Slot, token: int) -> None:
         job = slot.job

@@ -30,8 +30,8 @@ from chatbot.arena_record import LABELS, VOTES, served_model, vote_record
 from chatbot.backends.base import Backend, GenerationParams, fresh_seed
 from chatbot.feedback import FeedbackCollector
 from chatbot.history import build_messages, content_text, trim
-from chatbot.reply import conversation_key, notice, refuse_message, stream_reply, too_long
-from chatbot.served_replies import IDLE_SECONDS, MAX_SESSIONS, Served
+from chatbot.reply import conversation_key, notice, refuse_message, shown, stream_reply, too_long
+from chatbot.served_replies import IDLE_SECONDS, MAX_SESSIONS, sampling
 from chatbot.session_store import SessionStore
 from chatbot.settings import Settings, arena_settings
 
@@ -147,7 +147,7 @@ class Arena:
                  collector: FeedbackCollector | None = None):
         self.settings, self.collector = settings, collector
         self.contenders = (Contender(first, served_model(settings, first)),
-                           Contender(second, served_model(arena_settings(settings) or settings, second)))
+                           Contender(second, served_model(arena_settings(settings), second)))
         self.lock = threading.Lock()
         self.sessions: SessionStore[ArenaLedger] = SessionStore(
             ArenaLedger, max_sessions=MAX_SESSIONS, max_bytes=MAX_BYTES, idle_seconds=IDLE_SECONDS)
@@ -157,10 +157,6 @@ class Arena:
     def max_concurrency(self) -> int:
         """Battles at once: each holds a request of both backends."""
         return min(c.backend.max_concurrency for c in self.contenders)
-
-    @property
-    def stored(self) -> bool:
-        return self.collector is not None
 
     def params(self) -> GenerationParams:
         """The server's sampling settings, one reply length both models can give, a fresh seed (unless CHATBOT_SEED)."""
@@ -199,8 +195,8 @@ class Arena:
         if not session:
             yield "", replies[0], replies[1], notice("Votes need a session (this call had none).")
             return
-        battle = Battle(messages, tuple(Side(c.model, reply, Served(self.settings.system_prompt, p, 0, b"")
-                                             .sampling()) for c, (_, p), reply in zip(order, jobs, replies)))
+        battle = Battle(messages, tuple(Side(c.model, reply, sampling(p))
+                                        for c, (_, p), reply in zip(order, jobs, replies)))
         battle_id = secrets.token_hex(16)
         with self.lock:
             ledger = self.sessions.use(session)
@@ -211,8 +207,7 @@ class Arena:
         """Count a vote (A, B, tie, both_bad) on a battle of this session, once; the line the page shows: the models'
         names, and whether the vote was saved."""
         if choice not in VOTES:
-            shown = repr(choice) if len(repr(choice)) <= 40 else repr(choice)[:37] + "..."
-            return notice(f"choice={shown} is not valid; accepted: {', '.join(VOTES)}.")
+            return notice(f"choice={shown(choice)} is not valid; accepted: {', '.join(VOTES)}.")
         if not isinstance(battle_id, str) or not battle_id or len(battle_id) > MAX_ID_CHARS or not session:
             return self.refuse()
         with self.lock:

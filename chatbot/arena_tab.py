@@ -20,8 +20,7 @@ BUTTONS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Bo
 
 
 def intro(settings: Settings) -> str:
-    saved = feedback.notice(settings).replace("Conversations and ratings", "Prompts, replies and votes") \
-        or " Votes are not saved on this server."
+    saved = feedback.notice(settings, "Prompts, replies and votes") or " Votes are not saved on this server."
     return ("Two models answer your prompt side by side, as **A** and **B** in random order; their names are shown "
             "after you vote." + saved)
 

@@ -112,11 +112,11 @@ def where(settings: Settings) -> str:
     return f"saved on this server (`{settings.feedback_dir}`){dataset}"
 
 
-def notice(settings: Settings) -> str:
-    """The sentence the page shows while feedback is on; empty when it is off."""
+def notice(settings: Settings, what: str = "Conversations and ratings") -> str:
+    """The sentence the page shows while feedback is on (`what` is saved); empty when it is off."""
     if not settings.feedback_dir:
         return ""
-    return (f" **Conversations and ratings on this page are {where(settings)}** to improve the model; "
+    return (f" **{what} on this page are {where(settings)}** to improve the model; "
             "do not share personal information.")
 
 

@@ -126,9 +126,14 @@ def read_number(label: str, value: Any, default: float, lo: float, hi: float) ->
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number):
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        return notice(f"{label}={shown} is not valid; accepted: a number from {lo:g} to {hi:g}.")
+        return notice(f"{label}={shown(value)} is not valid; accepted: a number from {lo:g} to {hi:g}.")
     return min(max(number, lo), hi)
+
+
+def shown(value: Any) -> str:
+    """A caller's value as an error line quotes it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def refuse_message(settings: Settings, text: str) -> str | None:

@@ -30,6 +30,12 @@ def digest(messages: list[dict], reply: str | None = None) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def sampling(p: GenerationParams) -> dict:
+    """The sampling settings a record keeps for a reply generated with `p`, the seed included."""
+    return {"temperature": p.temperature, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens,
+            "repeat_penalty": p.repeat_penalty, "min_p": p.min_p, "seed": p.seed}
+
+
 @dataclass(frozen=True)
 class Served:
     """How one streamed reply was generated."""
@@ -44,9 +50,7 @@ class Served:
 
     def sampling(self) -> dict:
         """The sampling settings the reply was generated with, the seed included."""
-        p = self.params
-        return {"temperature": p.temperature, "top_p": p.top_p, "max_new_tokens": p.max_new_tokens,
-                "repeat_penalty": p.repeat_penalty, "min_p": p.min_p, "seed": p.seed}
+        return sampling(self.params)
 
 
 @dataclass

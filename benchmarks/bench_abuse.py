@@ -8,15 +8,16 @@ another one, e.g. the code before the fix, side by side:
    --mib MiB each (bytes written, seconds); the app's RSS after 8 forged retries of --mib MiB.
 2. retry variety (embedded SmolLM2, prompt cache on, temperature 1): 4 retries, each after another visitor's turn;
    two visitors with the same first message.
-3. "hi" with a --system-mb MB system prompt: when it is answered and how, and the time to first token of another
-   visitor who asks 0.5 s later.
+3. "hi" with a --system-mb MB system prompt: when it is answered and how, and when another visitor who asks 0.5 s
+   later sees their first token (both in seconds after the attack was sent).
 4. --flood concurrent POST /gradio_api/run/chat (mock backend): how many are accepted.
 8. the prompt cache across visitors: one visitor sends a document of --doc-repeats sentences; the time to first
    token (the app's stats line) of another visitor's exact guess of it and of a guess differing in its first word.
 
 Every app runs on 127.0.0.1 in its own process, one at a time, with CHATBOT_THREADS=1 and the --set settings on both
 sides, e.g. --set CHATBOT_PARALLEL=1 for the serial llama_cpp backend (this shell's CHATBOT_* variables are not used).
-Figures are wall-clock seconds on this machine; the attacks are bounded in count and size.
+Each side's /chat inputs are set by name from that app's own API description (benchmarks/chat_app.py). Figures are
+wall-clock seconds on this machine; the attacks are bounded in count and size.
 """
 from __future__ import annotations
 
@@ -32,18 +33,17 @@ if __package__ in (None, ""):  # run as a script: put the repository on sys.path
 
 import httpx
 
-from tools.gradio_http import Tab, join_queue, post_run, text_message
+from benchmarks.chat_app import chat_inputs, chat_parameters, queue_inputs
+from tools.gradio_http import Tab, first_text_seconds, join_queue, post_run, text_message
 from tools.live_app import ROOT, LiveApp, live_app
-from training.trainer.peak_memory import rss_bytes
+from training.trainer.peak_memory import rss_mib
 
 MIB = 2**20
-SAMPLED = ("", 1.0, 0.95, 24, 1.1, 0.0)  # no system prompt, temperature 1, top-p 0.95, 24 tokens, penalty, min-p
+SAMPLED = {"system_prompt": "", "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 24, "repeat_penalty": 1.1,
+           "min_p": 0.0}
+GREEDY = {"system_prompt": "", "temperature": 0.0, "top_p": 0.9, "max_new_tokens": 4, "repeat_penalty": 1.1,
+          "min_p": 0.0}
 SENTENCE = "The merger with Northwind closes on 3 March at a price of 41 million, and nobody may know it. "
-
-
-def rss_mb(app: LiveApp) -> float:
-    now = rss_bytes(app.proc.pid)
-    return float("nan") if now is None else now / 2**20
 
 
 def folder_bytes(folder: Path) -> int:
@@ -60,17 +60,18 @@ def forged_feedback(app: LiveApp, folder: Path, mib: float) -> dict:
         post_run(app.url, "on_like", [huge], {"index": 1, "value": ["y"], "liked": True})
     out[f"1 10 forged {mib:g} MiB records: MB written"] = round((folder_bytes(folder) - before) / 1e6, 1)
     out[f"1 10 forged {mib:g} MiB records: seconds"] = round(time.perf_counter() - started, 2)
-    session, before = "one-session", rss_mb(app)
+    session, before = "one-session", rss_mib(app.proc.pid)
     for _ in range(8):
         post_run(app.url, "on_retry", [huge], {"index": 0, "value": "x"}, session)
-    out[f"1 8 forged {mib:g} MiB retries: app RSS MB before -> after"] = f"{before:.0f} -> {rss_mb(app):.0f}"
+    out[f"1 8 forged {mib:g} MiB retries: app RSS MB before -> after"] = f"{before:.0f} -> {rss_mib(app.proc.pid):.0f}"
     return out
 
 
-def flood(app: LiveApp, n: int) -> dict:
+def flood(app: LiveApp, parameters: list[dict], n: int) -> dict:
     def direct(i: int) -> int:
-        return httpx.post(f"{app.url}gradio_api/run/chat", timeout=300,
-                          json={"data": [f"flood {i}", None, "s", 0.2, 0.9, 8, 1.2, 0.05]}).status_code
+        data = queue_inputs(app.url, chat_inputs(parameters, message=f"flood {i}", system_prompt="s",
+                                                 temperature=0.2, top_p=0.9, max_new_tokens=8))
+        return httpx.post(f"{app.url}gradio_api/run/chat", timeout=300, json={"data": data}).status_code
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=n) as pool:
@@ -79,46 +80,54 @@ def flood(app: LiveApp, n: int) -> dict:
             f"4 {n} concurrent POST /run/chat: seconds": round(time.perf_counter() - started, 2)}
 
 
-def retry_variety(app: LiveApp, retries: int) -> dict:
+def retry_variety(app: LiveApp, parameters: list[dict], retries: int) -> dict:
     tab, other = Tab(app.url), Tab(app.url)
-    replies = [tab.send("Write one sentence about the sea.", *SAMPLED)[0]]
+    sea = chat_inputs(parameters, message="Write one sentence about the sea.", **SAMPLED)
+    replies = [tab.send(*sea)[0]]
     for i in range(retries):
-        other.send(f"Name a colour, number {i}.", "", 0.2, 0.9, 8)
-        replies.append(tab.retry(*SAMPLED))
-    pair = {Tab(app.url).send("Write one sentence about the sea.", *SAMPLED)[0] for _ in range(2)}
+        other.send(*chat_inputs(parameters, message=f"Name a colour, number {i}.", system_prompt="", temperature=0.2,
+                                top_p=0.9, max_new_tokens=8))
+        replies.append(tab.retry(*sea[1:]))  # the settings, without the message
+    pair = {Tab(app.url).send(*sea)[0] for _ in range(2)}
     return {f"2 {retries} retries at temperature 1: distinct replies": f"{len(set(replies[1:]))} of {retries}",
             "2 two visitors, same first message: distinct replies": f"{len(pair)} of 2"}
 
 
-def oversized_system_prompt(app: LiveApp, megabytes: float) -> dict:
+def oversized_system_prompt(app: LiveApp, parameters: list[dict], megabytes: float) -> dict:
     result = {}
+    attack_inputs = chat_inputs(parameters, message="hi", system_prompt="x" * int(megabytes * MIB))
+    question = queue_inputs(app.url, chat_inputs(parameters, message="What is the capital of France?",
+                                                 system_prompt="", temperature=0.2, top_p=0.9, max_new_tokens=16,
+                                                 repeat_penalty=1.2, min_p=0.05))
 
     def stranger():
-        started = time.perf_counter()
-        reply, _ = Tab(app.url).send("hi", "x" * int(megabytes * MIB))
-        result["seconds"], result["reply"] = time.perf_counter() - started, reply
+        result["started"] = time.perf_counter()
+        reply, _ = Tab(app.url).send(*attack_inputs)
+        result["seconds"], result["reply"] = time.perf_counter() - result["started"], reply
 
     attack = threading.Thread(target=stranger)
     attack.start()
     time.sleep(0.5)
-    messages = join_queue(app.url, "chat", ["What is the capital of France?", None, "", 0.2, 0.9, 16, 1.2, 0.05])
+    asked = time.perf_counter()
+    first = first_text_seconds(join_queue(app.url, "chat", question))  # seconds after `asked`
     attack.join()
-    first = next((t for t, m in messages if m.get("msg") == "process_generating" and m["output"]["data"][0]), None)
+    # Both rows count from the moment the attack was sent, so they compare: the visitor who asked 0.5 s later
+    # sees their first token (after - 0.5) s after asking.
     return {f"3 'hi' + {megabytes:g} MB system prompt: answered after s": round(result["seconds"], 2),
             f"3 'hi' + {megabytes:g} MB system prompt: answer": result["reply"][:60],
-            "3 another visitor 0.5 s later: first token after s": None if first is None else round(first + 0.5, 2)}
+            "3 another visitor asking 0.5 s later: first token, s after the attack was sent":
+                None if first is None else round(asked - result["started"] + first, 2)}
 
 
 def app_ttft(stats: str) -> float:
     return float(stats.split("first token ")[1].split(" s")[0])
 
 
-def cache_side_channel(app: LiveApp, repeats: int) -> dict:
+def cache_side_channel(app: LiveApp, parameters: list[dict], repeats: int) -> dict:
     document = SENTENCE * repeats + "Summarise."
-    greedy = ("", 0.0, 0.9, 4, 1.1, 0.0)
-    Tab(app.url).send(document, *greedy)  # the victim
-    exact = app_ttft(Tab(app.url).send(document, *greedy)[1])
-    other = app_ttft(Tab(app.url).send("Our" + document[3:], *greedy)[1])
+    Tab(app.url).send(*chat_inputs(parameters, message=document, **GREEDY))  # the victim
+    exact = app_ttft(Tab(app.url).send(*chat_inputs(parameters, message=document, **GREEDY))[1])
+    other = app_ttft(Tab(app.url).send(*chat_inputs(parameters, message="Our" + document[3:], **GREEDY))[1])
     return {f"8 guess of a {repeats}-sentence document: first token s (exact / differing)": f"{exact:.2f} / {other:.2f}"}
 
 
@@ -129,11 +138,12 @@ def measure(root: Path, args, logs: Path) -> dict:
     model = {"CHATBOT_THREADS": "1", **dict(kv.split("=", 1) for kv in args.set)}
     with live_app(mock, logs / f"mock-{root.name}.log", root=root) as app:
         out.update(forged_feedback(app, folder, args.mib))
-        out.update(flood(app, args.flood))
+        out.update(flood(app, chat_parameters(app.url), args.flood))
     with live_app(model, logs / f"smollm2-{root.name}.log", root=root) as app:
-        out.update(retry_variety(app, args.retries))
-        out.update(oversized_system_prompt(app, args.system_mb))
-        out.update(cache_side_channel(app, args.doc_repeats))
+        parameters = chat_parameters(app.url)  # the inputs of that checkout's /chat, by name
+        out.update(retry_variety(app, parameters, args.retries))
+        out.update(oversized_system_prompt(app, parameters, args.system_mb))
+        out.update(cache_side_channel(app, parameters, args.doc_repeats))
     return out
 
 

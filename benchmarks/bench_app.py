@@ -31,7 +31,7 @@ import time
 if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
     import repo_root  # noqa: F401
 
-from benchmarks.chat_app import chat_inputs, chat_parameters, start_app, stop_app, stream_over_http
+from benchmarks.chat_app import chat_inputs, chat_parameters, running_app, stream_over_http
 from chatbot.model_files import embedded_gguf_path
 from chatbot.settings import load_settings
 from chatbot.timing import ReplyClock, decode_rate
@@ -179,33 +179,33 @@ def main() -> None:
         return raw_worker(args.threads, args.max_new_tokens)
 
     # Raw and app runs alternate, so both see the same machine load (a shared CI box drifts a lot).
-    server, url = start_app(app_settings(args.threads, args.max_new_tokens))
     worker = None
-    try:
-        parameters = chat_parameters(url)
-        worker = start_raw(args.threads, args.max_new_tokens)
-        raw, app, http = [], [], []
-        for run in range(-1, args.runs):  # run -1 warms both up (page cache, allocations), not reported
-            r = ask_raw(worker, run)
-            a = app_run(url, parameters, run, args.max_new_tokens)
-            h = app_http_run(url, parameters, run, args.max_new_tokens)
-            # Greedy decoding: the app returns the very text raw produced, i.e. the same number of tokens.
-            a["tokens"] = r["tokens"]
-            a["tps"] = decode_rate(r["tokens"] - 1, a["last"] - a["first"])
-            if a["text"] != r["text"]:
-                print("warning: the app's reply differs from raw llama-cpp-python's for the same prompt")
-            if run >= 0:
-                raw.append(r)
-                app.append(a)
-                http.append(h)
-                print(f"run {run}: raw TTFT {r['ttft']:.3f} s {r['tps']:.1f} tok/s | app TTFT {a['ttft']:.3f} s "
-                      f"{a['tps']:.1f} tok/s (server-side: {a['stats']}) | app over HTTP TTFT {h['ttft']:.3f} s "
-                      f"{h['tps']:.1f} tok/s", flush=True)
-    finally:
-        if worker is not None:
-            worker.stdin.close()
-            worker.wait(30)
-        stop_app(server)
+    with running_app(app_settings(args.threads, args.max_new_tokens)) as served:
+        url = served.url
+        try:
+            parameters = chat_parameters(url)
+            worker = start_raw(args.threads, args.max_new_tokens)
+            raw, app, http = [], [], []
+            for run in range(-1, args.runs):  # run -1 warms both up (page cache, allocations), not reported
+                r = ask_raw(worker, run)
+                a = app_run(url, parameters, run, args.max_new_tokens)
+                h = app_http_run(url, parameters, run, args.max_new_tokens)
+                # Greedy decoding: the app returns the very text raw produced, i.e. the same number of tokens.
+                a["tokens"] = r["tokens"]
+                a["tps"] = decode_rate(r["tokens"] - 1, a["last"] - a["first"])
+                if a["text"] != r["text"]:
+                    print("warning: the app's reply differs from raw llama-cpp-python's for the same prompt")
+                if run >= 0:
+                    raw.append(r)
+                    app.append(a)
+                    http.append(h)
+                    print(f"run {run}: raw TTFT {r['ttft']:.3f} s {r['tps']:.1f} tok/s | app TTFT {a['ttft']:.3f} s "
+                          f"{a['tps']:.1f} tok/s (server-side: {a['stats']}) | app over HTTP TTFT {h['ttft']:.3f} s "
+                          f"{h['tps']:.1f} tok/s", flush=True)
+        finally:
+            if worker is not None:
+                worker.stdin.close()
+                worker.wait(30)
 
     def median(rows, key):
         return statistics.median(row[key] for row in rows)

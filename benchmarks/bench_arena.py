@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
     import repo_root  # noqa: F401
 
-from training.trainer.peak_memory import rss_bytes
+from benchmarks.medians import median_per_figure
+from training.trainer.peak_memory import rss_mib
 
 PROMPT = "Write a detailed essay about the history of computers, with an introduction and three sections."
 ALONE = "normal, before the arena model is loaded"
@@ -53,12 +53,6 @@ class Counted:
                 self.first = time.perf_counter()
             self.tokens += chunk.tokens
             yield chunk
-
-
-def rss_mib() -> float:
-    """This process's resident memory now (Linux /proc), MiB."""
-    now = rss_bytes()
-    return float("nan") if now is None else now / 2**20
 
 
 def cpu_seconds() -> float:
@@ -137,9 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         for backend in (chat.backend, other.backend):
             backend.close()
 
-    rows = {turn: {key: ([statistics.median(r[key][i] for r in found[turn]) for i in range(len(found[turn][0][key]))]
-                         if isinstance(found[turn][0][key], list) else statistics.median(r[key] for r in found[turn]))
-                   for key in found[turn][0]} for turn in found}
+    rows = {turn: median_per_figure(found[turn]) for turn in found}
     base = rows["normal"]
     shown = "a copy of the embedded SmolLM2-135M Q4_1" if args.second is None else Path(second).name
     print(f"\nembedded SmolLM2-135M Q4_1 against {shown}: {args.threads} threads, CHATBOT_PARALLEL={args.parallel}, "

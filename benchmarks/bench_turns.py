@@ -24,11 +24,12 @@ import argparse
 import os
 import statistics
 import time
+from contextlib import ExitStack
 
 if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
     import repo_root  # noqa: F401
 
-from benchmarks.chat_app import chat_inputs, chat_parameters, start_app, stop_app
+from benchmarks.chat_app import chat_inputs, chat_parameters, running_app
 from chatbot.backends import GenerationParams, load_backend
 from chatbot.settings import DEFAULT_SYSTEM_PROMPT, load_settings
 from chatbot.timing import ReplyClock
@@ -133,21 +134,22 @@ def turns_table(args) -> None:
     greedy = GenerationParams(max_new_tokens=args.reply_tokens, temperature=0.0,
                               repeat_penalty=load_settings({}).repeat_penalty)  # what the app uses
     cached, plain = backend_for(args.threads, args.cache_mb, args.n_ctx), backend_for(args.threads, 0, args.n_ctx)
-    apps, clients, parameters = [], {}, []
-    if args.app_visitors:
-        from gradio_client import Client
+    clients, parameters = {}, []
+    with ExitStack() as apps:  # the two apps (with --app-visitors), stopped when the turns are done
+        if args.app_visitors:
+            from gradio_client import Client
 
-        for cache_mb in (args.cache_mb, 0):
-            apps.append(start_app(app_settings(args.threads, cache_mb, args.n_ctx, args.reply_tokens)))
-        parameters = [chat_parameters(url) for _, url in apps]
-        clients = {(v, i): Client(url, verbose=False) for v in range(args.app_visitors)
-                   for i, (_, url) in enumerate(apps)}
-    histories = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] for _ in range(args.visitors)]
-    ttft: dict[str, dict[int, list[float]]] = {k: {} for k in ("backend, cache on", "backend, cache off",
-                                                             "app, cache on", "app, cache off")}
-    prompt_tokens: dict[int, list[int]] = {}
-    mismatches = 0
-    try:
+            urls = [apps.enter_context(running_app(app_settings(args.threads, cache_mb, args.n_ctx,
+                                                                  args.reply_tokens))).url
+                    for cache_mb in (args.cache_mb, 0)]
+            parameters = [chat_parameters(url) for url in urls]
+            clients = {(v, i): Client(url, verbose=False) for v in range(args.app_visitors)
+                       for i, url in enumerate(urls)}
+        histories = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] for _ in range(args.visitors)]
+        ttft: dict[str, dict[int, list[float]]] = {k: {} for k in ("backend, cache on", "backend, cache off",
+                                                                 "app, cache on", "app, cache off")}
+        prompt_tokens: dict[int, list[int]] = {}
+        mismatches = 0
         for turn in range(args.turns):
             for v in range(args.visitors):
                 message = f"(visitor {v + 1}) " + TURNS[turn % len(TURNS)]
@@ -170,9 +172,6 @@ def turns_table(args) -> None:
                 histories[v] = messages + [{"role": "assistant", "content": reply}]
                 print(f"turn {turn + 1} visitor {v + 1}: prompt {prompt_tokens[v][-1]} tokens, TTFT cache on "
                       f"{t_on:.2f} s, off {t_off:.2f} s", flush=True)
-    finally:
-        for proc, _ in apps:
-            stop_app(proc)
 
     paths = [k for k, rows in ttft.items() if rows]
     print(f"\nTable 1: TTFT per turn (s), median over visitors; {args.visitors} visitors interleaved "

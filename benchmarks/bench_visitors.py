@@ -23,14 +23,16 @@ import statistics
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: put the repository on sys.path (benchmarks/repo_root.py)
     import repo_root  # noqa: F401
 
-from benchmarks.chat_app import chat_inputs, chat_parameters, start_app, stop_app, stream_over_http
+from benchmarks.chat_app import chat_inputs, chat_parameters, running_app, stream_over_http
+from benchmarks.medians import median_per_figure
 from chatbot.timing import decode_rate
-from training.trainer.peak_memory import rss_bytes
+from training.trainer.peak_memory import rss_mib
 
 TOPICS = ["the history of computers", "how bridges are built", "the water cycle", "the Roman Empire",
           "how vaccines work", "the life of bees", "the invention of printing", "how airplanes fly"]
@@ -76,18 +78,6 @@ def round_of(url: str, parameters: list[dict], visitors: int, reply_tokens: int)
                 per_visitor=statistics.median(rates), tokens=total)
 
 
-def median_round(rounds: list[dict]) -> dict:
-    """Each figure's median over the rounds (the k-th fastest TTFT with the k-th fastest)."""
-    return {key: [statistics.median(r[key][i] for r in rounds) for i in range(len(rounds[0][key]))]
-            if isinstance(rounds[0][key], list) else statistics.median(r[key] for r in rounds) for key in rounds[0]}
-
-
-def peak_rss_mib(pid: int) -> float:
-    """A running process's peak resident memory (Linux /proc), MiB."""
-    peak = rss_bytes(pid, "VmHWM")
-    return float("nan") if peak is None else peak / 2**20
-
-
 def random_gguf(shape: str) -> Path:
     """A random-weight GGUF of a named shape (training/trainer/shapes.py) with SmolLM2's tokenizer, q4_k_m; made once."""
     folder = Path(tempfile.gettempdir()) / "chatbot-bench-visitors"
@@ -124,27 +114,23 @@ def main(argv: list[str] | None = None) -> dict:
     common = {"CHATBOT_BACKEND": "llama_cpp", "CHATBOT_THREADS": str(args.threads), "CHATBOT_N_CTX": str(args.n_ctx),
               "CHATBOT_MAX_NEW_TOKENS": str(args.reply_tokens), **({"CHATBOT_MODEL": model} if model else {})}
     parallel = {"serial": 1, "batched": args.parallel}
-    apps = {}
-    try:
-        for path in PATHS:
-            apps[path] = start_app({**common, "CHATBOT_PARALLEL": str(parallel[path])})
-        parameters = {path: chat_parameters(url) for path, (_, url) in apps.items()}
+    with ExitStack() as stack:
+        apps = {path: stack.enter_context(running_app({**common, "CHATBOT_PARALLEL": str(parallel[path])}))
+                for path in PATHS}
+        parameters = {path: chat_parameters(app.url) for path, app in apps.items()}
         for path in PATHS:  # warm-up (page cache, first allocations): not reported
-            round_of(apps[path][1], parameters[path], 1, 8)
+            round_of(apps[path].url, parameters[path], 1, 8)
         rounds: dict[tuple[str, int], list[dict]] = {}
         for k in range(len(args.visitors) * args.rounds):
             visitors = args.visitors[k // args.rounds]
             for path in (PATHS if k % 2 == 0 else PATHS[::-1]):
-                row = round_of(apps[path][1], parameters[path], visitors, args.reply_tokens)
+                row = round_of(apps[path].url, parameters[path], visitors, args.reply_tokens)
                 rounds.setdefault((path, visitors), []).append(row)
                 print(f"{path}, {visitors} visitors: TTFT " + ", ".join(f"{t:.2f}" for t in row["ttfts"])
                       + f" s; aggregate {row['aggregate']:.1f} tokens/s, per visitor {row['per_visitor']:.1f}",
                       flush=True)
-        rows = {key: median_round(found) for key, found in rounds.items()}
-        peak = {path: peak_rss_mib(server.pid) for path, (server, _) in apps.items()}
-    finally:
-        for server, _ in apps.values():
-            stop_app(server)
+        rows = {key: median_per_figure(found) for key, found in rounds.items()}  # k-th fastest TTFT with k-th
+        peak = {path: rss_mib(app.proc.pid, "VmHWM") for path, app in apps.items()}
 
     if args.shape:
         name = f"random-weight {args.shape} (q4_k_m, SmolLM2's tokenizer)"

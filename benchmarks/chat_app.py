@@ -9,53 +9,27 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from tools.ports import free_port
-from training.paths import REPO_ROOT
+from tools.live_app import LiveApp, live_app
 
 ENDPOINT = "chat"  # the ChatInterface's api_name in chatbot/ui.py
 
 
-def start_app(settings: dict[str, str], timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`python app.py` with these CHATBOT_* settings (none of this shell's CHATBOT_* / GRADIO_* variables but
-    CHATBOT_LLAMA_REPACK) on a free local port; returns (process, url) once /gradio_api/info answers."""
-    import httpx
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CHATBOT_", "GRADIO_")) or k == "CHATBOT_LLAMA_REPACK"}
-    env.update(settings, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill and stall the app
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log, text=True)
-    url, deadline = f"http://127.0.0.1:{port}/", time.time() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}gradio_api/info", timeout=5).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            server.wait()
-            log.seek(0)
-            sys.exit(f"app.py did not start ({settings}): {log.read()[-2000:]}")
-        time.sleep(0.5)
-
-
-def stop_app(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+@contextmanager
+def running_app(settings: dict[str, str], timeout: float = 180) -> Iterator[LiveApp]:
+    """`python app.py` with these CHATBOT_* settings on a free local port (tools/live_app.py), stopped on exit. Of
+    this shell's CHATBOT_* variables only CHATBOT_LLAMA_REPACK is passed on (a machine whose repacked kernels work
+    may turn them on for every benchmark); its log in a temporary folder, quoted if the app does not start."""
+    repack = {k: v for k, v in os.environ.items() if k == "CHATBOT_LLAMA_REPACK"}
+    with tempfile.TemporaryDirectory(prefix="chat-app-") as logs, \
+            live_app({**repack, **settings}, Path(logs) / "app.log", timeout=timeout) as app:
+        yield app
 
 
 def chat_parameters(url: str) -> list[dict]:
@@ -79,6 +53,18 @@ def chat_inputs(parameters: list[dict], **values: Any) -> list:
                  f"it has: {', '.join(names)}")
     return [values[p["parameter_name"]] if p["parameter_name"] in values else p["parameter_default"]
             for p in parameters]
+
+
+def queue_inputs(url: str, inputs: list) -> list:
+    """`inputs` (chat_inputs') as a raw POST /gradio_api/run/chat or /gradio_api/queue/join takes them: with a None
+    for each input the API description leaves out (the chat's history state), from the page's config."""
+    import httpx
+
+    config = httpx.get(f"{url}config", timeout=30).json()
+    hidden = {c["id"] for c in config["components"] if c.get("skip_api")}
+    event = next(d for d in config["dependencies"] if d.get("api_name") == ENDPOINT)
+    given = iter(inputs)
+    return [None if i in hidden else next(given) for i in event["inputs"]]
 
 
 def stream_over_http(url: str, inputs: list) -> Iterator[list]:

@@ -10,4 +10,8 @@ def test_bench_abuse_smallest_size(capsys):
     assert ours["1 10 forged 0.1 MiB records: MB written"] == 0
     assert ours["4 3 concurrent POST /run/chat: accepted"] == 0
     assert ours["3 'hi' + 0.1 MB system prompt: answer"].startswith("⚠️ The")
-    assert "this checkout" in capsys.readouterr().out
+    # The other visitor was answered, after it asked (0.5 s after the attack).
+    assert ours["3 another visitor asking 0.5 s later: first token, s after the attack was sent"] > 0.5
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "item | this checkout"
+    assert "4 3 concurrent POST /run/chat: accepted | 0" in lines  # the table's flood row

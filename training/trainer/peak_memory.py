@@ -16,6 +16,12 @@ def rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int | None:
     return None
 
 
+def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """rss_bytes in MiB, NaN where /proc has no figure (a benchmark prints it either way)."""
+    found = rss_bytes(pid, field)
+    return float("nan") if found is None else found / 2**20
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process since its exec (VmHWM). ru_maxrss would not do: Linux carries it over
     from the parent across fork+exec, so a child of a big process would report the parent's peak."""

@@ -3,6 +3,7 @@ server on the embedded GGUF, both on 127.0.0.1 (no network)."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -178,7 +179,10 @@ def llama_server(smollm2_gguf, tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-c", SERVER_LAUNCHER, "--model", str(smollm2_gguf),
                                  "--model_alias", SERVED_AS, "--host", "127.0.0.1", "--port", str(port),
                                  "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-                                 "--last_n_tokens_size", "64"],
+                                 "--last_n_tokens_size", "64",
+                                 # a generation runs to its end unless its own client goes away (the default
+                                 # cuts it short for the next request, which would hide one the stop missed)
+                                 "--interrupt_requests", "False"],
                                 cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}/v1", time.time() + 120
     try:
@@ -193,7 +197,11 @@ def llama_server(smollm2_gguf, tmp_path_factory):
         yield url, log_path
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def real_backend(llama_server, **env):
@@ -232,10 +240,16 @@ def test_real_server_stops_at_max_new_tokens(llama_server):
 
 def test_stop_in_the_app_ends_the_real_servers_generation(llama_server):
     """The app's stream (chatbot.reply.stream_reply, what Gradio closes when a visitor presses stop) over the openai
-    backend: closing it closes the HTTP stream, and the server says the client went away and stops decoding."""
+    backend: closing it closes the HTTP stream, and the server says the client went away and stops decoding.
+
+    llama-cpp-python's server prints llama.cpp's timings (`llama_perf_context_print: eval time = ... / N runs`) when a
+    generation reaches its end, and serves one request at a time: had the 1500-token generation gone on decoding
+    after the stop, the next request would wait for it and its timings would come first. The next request's are the
+    only ones after the stop: the generation ended there."""
     from chatbot.reply import stream_reply
 
     _, log_path = llama_server
+    started = len(log_path.read_text())
     reply = stream_reply(real_backend(llama_server), [{"role": "user", "content": "Write a long story about a cat."}],
                          GenerationParams(max_new_tokens=1500, temperature=0.0))
     before = log_path.read_text().count("Disconnected from client")
@@ -245,7 +259,9 @@ def test_stop_in_the_app_ends_the_real_servers_generation(llama_server):
     while log_path.read_text().count("Disconnected from client") == before:
         assert time.time() < deadline, log_path.read_text()[-2000:]
         time.sleep(0.2)
-    # The server is free again at once: a short request completes (it would queue behind 1500 tokens otherwise).
     chunks = list(real_backend(llama_server).stream([{"role": "user", "content": "Hi"}],
                                                     GenerationParams(max_new_tokens=3, temperature=0.0)))
     assert chunks[-1].finish_reason == "length"
+    since = log_path.read_text()[started:]
+    runs = [int(n) for n in re.findall(r"^llama_perf_context_print: +eval time = .* / +(\d+) runs", since, re.M)]
+    assert len(runs) == 1 and runs[0] <= 3, since[-3000:]  # the short request's own: at most its 3 tokens

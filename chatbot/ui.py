@@ -19,6 +19,7 @@ from chatbot.reply import conversation_key, notice, read_number, refuse_message,
 from chatbot.settings import Settings
 
 QUEUE_SIZE = 64         # requests waiting at once, every caller included; more are told the queue is full
+MODEL_GROUP = "model"   # the concurrency group of the events that run the model
 EXAMPLES = [
     "Hi! What can you help me with?",
     "Explain what a large language model is in two sentences.",
@@ -156,6 +157,14 @@ def build_app(settings: Settings, backend: Backend, log: feedback.FeedbackLog | 
             chat_tab.close()  # the Chat tab ends here
             with gr.Tab("Arena", id="arena"):
                 arena_tab(settings, Arena(settings, backend, arena_backend, collector))
+    # One concurrency group for every event that runs the model: the chat's own events (send, retry, edit, each
+    # ChatInterface wires to its own function), its /chat API and the Arena's battles, which would otherwise each get
+    # the backend's limit and together send it several times that many requests, waiting inside the backend where
+    # Gradio's queue cannot show or bound them. Here the events that run a model are exactly those given a number as
+    # concurrency_limit (Gradio keeps the lowest limit of a group: the Arena's, when its model takes fewer).
+    for fn in demo.fns.values():
+        if isinstance(fn.concurrency_limit, int):
+            fn.concurrency_id = MODEL_GROUP
     # The queue's bound holds for every caller: api_open=False closes the direct POST /gradio_api/run/chat route,
     # which would otherwise skip both the queue (max_size) and the event's concurrency_limit. gradio_client and
     # /gradio_api/call/chat go through the queue.

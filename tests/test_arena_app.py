@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -311,6 +312,38 @@ def test_no_caller_skips_the_queue_and_inputs_are_bounded(mock_app):
     huge = gradio_http.final_output(gradio_http.join_queue(mock_app.url, "arena", ["x" * 9000]))
     assert huge == ["", "", "", ("⚠️ Your message is 9000 characters long; the limit is 8000 "
                                  "(CHATBOT_MAX_INPUT_CHARS). Please shorten it.")]
+
+
+def test_the_chat_and_the_arena_share_the_models_slots(mock_app):
+    """Every event that runs the model is one concurrency group: the browser chat's own events, /chat and /arena
+    each had the backend's limit (4 for the mock), so together they sent it several times as many requests. Four
+    battles and one chat call sent at once: the chat call starts only when a battle has ended."""
+    from chatbot.backends import load_arena_backend, load_backend
+    from chatbot.ui import MODEL_GROUP, build_app
+
+    settings = load_settings(MOCKS)
+    demo = build_app(settings, load_backend(settings), arena_backend=load_arena_backend(settings))
+    groups = {fn.api_name: fn.concurrency_id for fn in demo.fns.values() if fn.queue is not False}
+    assert {groups["chat"], groups["arena"], groups["_submit_fn"]} == {MODEL_GROUP} and groups["vote"] != MODEL_GROUP
+
+    long = " ".join(["word"] * 300)  # the mock echoes it: 300 tokens of 5 ms, over a second a reply
+    calls = [("arena", [long])] * 4 + [("chat", [long, None, "", 0.2, 0.9, 400, 1.2, 0.05])]
+    times: list[dict] = [{} for _ in calls]
+
+    def call_at(i: int) -> None:
+        if i == len(calls) - 1:
+            time.sleep(0.3)  # the battles are in first
+        start = time.perf_counter()
+        for seconds, message in gradio_http.join_queue(mock_app.url, *calls[i]):
+            times[i].setdefault(message.get("msg"), start + seconds)
+
+    threads = [threading.Thread(target=call_at, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first_battle_done = min(t["process_completed"] for t in times[:4])
+    assert times[-1]["process_starts"] > first_battle_done - 0.2, times
 
 
 def test_the_page_has_a_chat_tab_and_an_arena_tab_saying_votes_are_saved(mock_app):

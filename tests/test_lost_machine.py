@@ -264,12 +264,13 @@ def test_torchrun_ranks_stop_together_when_one_is_signalled_mid_evaluation(tmp_p
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                  "2", str(HARNESS), str(FINETUNE), "--config", str(recipe)], cwd=REPO,
-                                env={**_env(tmp_path / "hub"), "HARNESS_EVAL_SECONDS": "0.3"}, stdout=sink,
+                                env={**_env(tmp_path / "hub"), "HARNESS_EVAL_SECONDS": "1"}, stdout=sink,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _wait_for(lambda: "[harness] eval batch rank 1 step 2" in log.read_text() or proc.poll() is not None, 300,
                   "the evaluation at step 2")
-        pid = int(re.search(r"\[harness\] rank 1 pid (\d+)", log.read_text()).group(1))
+        seen = log.read_text()
+        pid = int(re.search(r"\[harness\] rank 1 pid (\d+)", seen).group(1))
         os.kill(pid, signal.SIGTERM)
         proc.wait(300)  # ranks that disagree wait for each other in a collective until this times out
     finally:
@@ -282,8 +283,11 @@ def test_torchrun_ranks_stop_together_when_one_is_signalled_mid_evaluation(tmp_p
     assert text.count("stopped by SIGTERM at step 2; checkpoint-2 is saved") == 2, text[-3000:]  # both ranks
     assert [p.name for p in (tmp_path / "ddp").glob("checkpoint-*")] == ["checkpoint-2"]
     assert (tmp_path / "ddp" / "checkpoint-2" / "trainer_state.json").is_file()
+    # Counted from the signal, however late this test saw the first batch on a busy machine: the batch under way and,
+    # for a rank a batch behind, one more; the whole evaluation is 8 batches a rank (1 s each).
+    after_signal = text[len(seen):]
     for rank in (0, 1):
-        assert text.count(f"[harness] eval batch rank {rank} step 2") <= 3, text[-3000:]  # of 8
+        assert after_signal.count(f"[harness] eval batch rank {rank} step 2") <= 2, text[-3000:]
     assert "[harness] step" not in text.split("[harness] eval batch rank 1 step 2", 1)[1]  # no step after it
 
 

@@ -18,17 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tools import gradio_http
-from tools.gradio_http import Tab, final_output, first_text_seconds, text_message
+from tools.gradio_http import Tab, final_output, first_text_seconds, join_queue, post_run, text_message
 from tools.live_app import LiveApp, live_app
-
-
-def post_run(app: LiveApp, *args, **kwargs) -> httpx.Response:
-    return gradio_http.post_run(app.url, *args, **kwargs)
-
-
-def join_queue(app: LiveApp, *args, **kwargs) -> list[tuple[float, dict]]:
-    return gradio_http.join_queue(app.url, *args, **kwargs)
 
 MIB = 2**20
 
@@ -62,14 +53,14 @@ def test_feedback_for_a_reply_never_streamed_is_refused_and_never_written(mock_a
     forged = [text_message("user", "What is 2+2?"), text_message("assistant", "2+2=5")]
     like = {"index": 1, "value": ["2+2=5"], "liked": True}
     before = records(mock_app.folder)
-    assert post_run(mock_app, "on_like", [forged], like).status_code == 200
-    retried = post_run(mock_app, "on_retry", [forged], {"index": 0, "value": "What is 2+2?"})
+    assert post_run(mock_app.url, "on_like", [forged], like).status_code == 200
+    retried = post_run(mock_app.url, "on_retry", [forged], {"index": 0, "value": "What is 2+2?"})
     assert records(mock_app.folder) == before
     assert retried.status_code == 200 and "not saved" in retried.json()["data"][0]
     huge = [text_message("user", "x" * (10 * MIB)), text_message("assistant", "y")]
     for _ in range(3):  # the issue sent 10 of them: 105 MB on disk in 2.3 s
-        post_run(mock_app, "on_like", [huge], {"index": 1, "value": ["y"], "liked": False})
-        post_run(mock_app, "on_retry", [huge], {"index": 0, "value": "x"})
+        post_run(mock_app.url, "on_like", [huge], {"index": 1, "value": ["y"], "liked": False})
+        post_run(mock_app.url, "on_retry", [huge], {"index": 0, "value": "x"})
     assert records(mock_app.folder) == before
     assert "events refused so far" in mock_app.output()  # counted, in the log, without their text
     assert "2+2=5" not in mock_app.output()
@@ -80,8 +71,8 @@ def test_a_genuine_rating_is_written_once_and_only_its_session_can_take_it_back(
     reply, _ = c.predict("What is 2+2?", "Answer in one line.", 0.4, 0.9, 40, api_name="/chat")
     history = [text_message("user", "What is 2+2?"), text_message("assistant", reply)]
     before = len(records(mock_app.folder))
-    post_run(mock_app, "on_like", [history], {"index": 1, "value": [reply], "liked": True}, c.session_hash)
-    post_run(mock_app, "on_like", [history], {"index": 1, "value": [reply], "liked": None})  # another session
+    post_run(mock_app.url, "on_like", [history], {"index": 1, "value": [reply], "liked": True}, c.session_hash)
+    post_run(mock_app.url, "on_like", [history], {"index": 1, "value": [reply], "liked": None})  # another session
     written = records(mock_app.folder)[before:]
     assert [(r["rating"], r["reply"]) for r in written] == [("up", reply)]
     assert written[0]["messages"][0] == {"role": "system", "content": "Answer in one line."}
@@ -109,16 +100,16 @@ def test_non_finite_settings_get_a_notice_naming_the_setting(mock_app, position,
     """Issue item 5: min(max(nan, 0), 2) is nan; llama.cpp ran with it, NaN max tokens gave a bare "Error"."""
     data = ["Hello", None, "Be brief.", 0.2, 0.9, 32, 1.2, 0.05]
     data[position] = value
-    reply, *_ = final_output(join_queue(mock_app, "chat", data))
+    reply, *_ = final_output(join_queue(mock_app.url, "chat", data))
     assert reply.startswith("⚠️") and f"{label}={value!r} is not valid; accepted: a number from" in reply
 
 
 def test_the_server_log_does_not_quote_what_visitors_send(mock_app):
     canary = f"private-{uuid.uuid4().hex}"
-    join_queue(mock_app, "chat", [canary, None, canary, canary, 0.9, 32, 1.2, 0.05])  # text in a slider
+    join_queue(mock_app.url, "chat", [canary, None, canary, canary, 0.9, 32, 1.2, 0.05])  # text in a slider
     malformed = [{"role": "user", "content": canary}, {"role": "assistant", "content": 5}]
-    post_run(mock_app, "on_like", [malformed], {"index": 1, "value": [canary], "liked": True})
-    post_run(mock_app, "lambda", [malformed])  # the chat's own state sync: Gradio's validation error
+    post_run(mock_app.url, "on_like", [malformed], {"index": 1, "value": [canary], "liked": True})
+    post_run(mock_app.url, "lambda", [malformed])  # the chat's own state sync: Gradio's validation error
     time.sleep(0.5)
     output = mock_app.output()
     assert "Traceback" in output  # Gradio did report the bad requests...
@@ -135,7 +126,7 @@ def test_sigterm_pushes_pending_feedback_within_a_bounded_wait(tmp_path):
         c = client(app)
         reply, _ = c.predict("Remember me", api_name="/chat")
         history = [text_message("user", "Remember me"), text_message("assistant", reply)]
-        post_run(app, "on_like", [history], {"index": 1, "value": [reply], "liked": True}, c.session_hash)
+        post_run(app.url, "on_like", [history], {"index": 1, "value": [reply], "liked": True}, c.session_hash)
         started = time.monotonic()
         app.proc.send_signal(signal.SIGTERM)
         assert app.proc.wait(timeout=60) == 0
@@ -190,7 +181,7 @@ def test_an_oversized_system_prompt_is_refused_before_the_model(model_app):
     attack = threading.Thread(target=stranger)
     attack.start()
     time.sleep(0.5)
-    messages = join_queue(model_app, "chat", ["What is the capital of France?", None, "", 0.2, 0.9, 16, 1.2, 0.05])
+    messages = join_queue(model_app.url, "chat", ["What is the capital of France?", None, "", 0.2, 0.9, 16, 1.2, 0.05])
     attack.join()
     print(f"8 MB system prompt refused after {timings['refused after']:.2f} s; the other visitor's first "
           f"token after {first_text_seconds(messages):.2f} s")

@@ -246,7 +246,7 @@ def test_untied_base_with_a_grown_vocabulary_trains_and_merges_the_new_lm_head_r
                                     LoraSection(r=4, target_modules=["q_proj", "v_proj"]), "fp32", tokenizer, [end])
     head = model.get_output_embeddings()
     before = model(input_ids=torch.tensor([[1]])).logits[0, -1, end].item()
-    row_before = head.weight[end].detach().clone() if hasattr(head, "weight") else None
+    row_before = head.weight[end].detach().clone()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.tensor([[5, 17, 300, end, 5, 17, 300, end]])
     for _ in range(3):  # learn to predict the end-of-turn token
@@ -258,8 +258,7 @@ def test_untied_base_with_a_grown_vocabulary_trains_and_merges_the_new_lm_head_r
     assert after != pytest.approx(before, abs=1e-3)
     merged_rows = dict(model.get_output_embeddings().token_adapter.trainable_tokens_delta)
     assert merged_rows, "lm_head has trainable token rows"
-    if row_before is not None:
-        assert not torch.allclose(merged_rows["default"][0], row_before)
+    assert not torch.allclose(merged_rows["default"][0], row_before)
     model.save_pretrained(tmp_path / "adapter")
 
     out = merge_adapter(str(base), tmp_path / "adapter", tmp_path / "merged", tokenizer, "float32")

@@ -24,7 +24,7 @@ def test_a_battle_and_a_vote_in_the_browser(browser, serve_app, page, artifacts,
         page.goto(url)
         page.locator(CHAT_INPUT).wait_for()  # the chat is the first tab, as without the Arena
         page.get_by_role("tab", name="Arena").click()
-        assert page.get_by_text("their names are shown after you vote").is_visible()
+        page.get_by_text("their names are shown after you vote").wait_for()  # the Arena tab shows (or a timeout)
         vote_a = page.locator("#arena-vote-A")
         assert vote_a.is_disabled()
         page.locator("#arena-message textarea").fill("Which is the best fruit?")

@@ -184,6 +184,47 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--data", "--preference-data"])
+def test_a_bad_recipe_is_one_line_and_exit_2(tmp_path, capsys, option):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  max_length: -5\n")
+    data = str(_write(tmp_path / "d.jsonl", _rows(2)))
+    args = ["--data", str(recipe)] if option == "--data" else ["--data", data, "--preference-data", str(recipe)]
+    assert main(["--model", "a=embedded", *args, "--no-generation", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {option} {str(recipe)!r}: ") and "train.max_length" in err
+
+
+def test_each_recipe_is_loaded_once(tmp_path, monkeypatch):
+    import training.config
+    from training.evaluate import load_recipes, scoring_length
+
+    loads = []
+    real = training.config.load_config
+    monkeypatch.setattr(training.config, "load_config", lambda path, *a, **k: loads.append(path) or real(path, *a, **k))
+    recipe = Path(__file__).resolve().parent.parent / "training" / "configs" / "smollm2-135m-cpu.yaml"
+    recipes = load_recipes(data=str(recipe), preference_data=str(recipe), other=None)
+    assert loads == [recipe] and recipes["data"] is recipes["preference_data"] and recipes["other"] is None
+    assert scoring_length(None, None, recipes["data"]) == (recipes["data"].config.train.max_length,
+                                                         f"train.max_length of {recipe}")
+    assert scoring_length(7, recipes["data"]) == (7, "--max-length")
+
+
+def test_a_model_card_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    import training.evaluate
+
+    results = {"rows": [{"model": "a", "variant": "q4_k_m", "loss": 1.0}], "data": {}, "generation": {}}
+    monkeypatch.setattr(training.evaluate, "evaluate", lambda *a, **k: results)  # the card, not the comparison
+    data = str(_write(tmp_path / "d.jsonl", _rows(2)))
+    for card in (tmp_path, tmp_path / "no-such-folder" / "README.md"):  # IsADirectoryError, FileNotFoundError
+        assert main(["--model", "a=embedded", "--data", data, "--model-card", str(card)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --model-card={card} could not be written (")
+    assert main(["--model", "a=embedded", "--data", data, "--model-card", str(tmp_path / "README.md")]) == 0
+    assert "## Evaluation" in (tmp_path / "README.md").read_text()
+
+
 def test_finetune_eval_loss_and_evaluate_heldout_loss_agree(tmp_path, small_vocab_llama_dir):
     """One figure for one model on one recipe's held-out rows: finetune's eval loss (summary.json) and evaluate.py's
     held-out loss of the merged model, with rows of 1-3 turns cut at the recipe's train.max_length (28 tokens) and

@@ -26,9 +26,8 @@ from training.data import DataError
 from training.evaluation.report import append_to_model_card, plot_quality_vs_speed, results_markdown
 from training.evaluation.heldout import heldout_loss, load_for_loss, recipe_heldout_rows
 from training.evaluation.judge import make_judge, pairwise_win_rate
-from training.paths import REPO_ROOT
-from training.evaluation.preference_rate import (DEFAULT_BETA, load_heldout_pairs, pair_logps, preference_figures,
-                                                 recipe_of)
+from training.paths import REPO_ROOT, recipe_of, resolve_recipe_paths
+from training.evaluation.preference_rate import DEFAULT_BETA, load_heldout_pairs, pair_logps, preference_figures
 from training.evaluation.serving_cost import measure_serving
 
 DEFAULT_PROMPTS = REPO_ROOT / "training" / "samples" / "eval_prompts.jsonl"
@@ -129,15 +128,41 @@ def select_quants(spec: ModelSpec, quants: Sequence[str], work_dir: Path) -> Non
 
 # ---------------------------------------------------------------- held-out data
 
-def load_heldout(data: str, max_rows: int | None = None) -> tuple[list[dict], str]:
-    """(conversations, description). A recipe or run dir gives the rows finetune.py held out for it."""
+@dataclass
+class Recipe:
+    path: Path       # the recipe YAML (a run dir's config.yaml)
+    config: Any      # its training.config.TrainConfig, data paths resolved against the repository
+
+
+def load_recipes(**sources: str | None) -> dict[str, Recipe | None]:
+    """The recipe each option's value names (a recipe YAML or a run dir; None: neither), each file loaded once.
+    Keys are option names with _ for -: load_recipes(data=..., preference_data=...)."""
+    from training.config import ConfigError, load_config
+
+    loaded: dict[Path, Recipe] = {}
+    out: dict[str, Recipe | None] = {}
+    for option, source in sources.items():
+        path = recipe_of(source) if source else None
+        if path is not None and path not in loaded:
+            try:
+                cfg = load_config(path)
+            except ConfigError as exc:
+                raise EvalError(f"--{option.replace('_', '-')} {source!r}: {exc}") from None
+            resolve_recipe_paths(cfg)
+            loaded[path] = Recipe(path, cfg)
+        out[option] = None if path is None else loaded[path]
+    return out
+
+
+def load_heldout(data: str, recipe: Recipe | None, max_rows: int | None = None) -> tuple[list[dict], str]:
+    """(conversations, description). A recipe or run dir (`recipe`, loaded by load_recipes) gives the rows
+    finetune.py held out for it; a saved dataset dir is read as data even when it holds a config.yaml."""
     path = Path(data).expanduser()
-    recipe = None if (path / "dataset_dict.json").exists() else recipe_of(data)
+    if (path / "dataset_dict.json").exists():
+        recipe = None
     try:
         if recipe is not None:
-            from training.config import load_config
-
-            rows, what = recipe_heldout_rows(load_config(recipe), max_rows), f"validation split of {recipe}"
+            rows, what = recipe_heldout_rows(recipe.config, max_rows), f"validation split of {recipe.path}"
         else:
             from training.data import load_conversations
 
@@ -197,28 +222,14 @@ def generation_metrics(answers: Sequence[dict]) -> dict[str, Any]:
             "distinct_2": mean([distinct_n(a["text"], 2) for a in answers])}
 
 
-def recipe_setting(source: str | None, name: str):
-    """The train.NAME of the recipe a --data / --preference-data value names (None: not a recipe or run dir)."""
-    recipe = recipe_of(source) if source else None
-    if recipe is None:
-        return None
-    from training.config import ConfigError, load_config
-
-    try:
-        return getattr(load_config(recipe).train, name)
-    except ConfigError as exc:
-        raise EvalError(f"{source!r}: {exc}") from None
-
-
-def scoring_length(asked: int | None, *sources: str | None) -> tuple[int, str]:
+def scoring_length(asked: int | None, *recipes: Recipe | None) -> tuple[int, str]:
     """(max_length, where it comes from): --max-length, else the first recipe's train.max_length (finetune.py cuts
     its validation rows there, so its eval loss and this held-out loss are one figure), else 2048."""
     if asked is not None:
         return asked, "--max-length"
-    for source in sources:
-        length = recipe_setting(source, "max_length")
-        if length is not None:
-            return length, f"train.max_length of {recipe_of(source)}"
+    for recipe in recipes:
+        if recipe is not None:
+            return recipe.config.train.max_length, f"train.max_length of {recipe.path}"
     return DEFAULT_MAX_LENGTH, "the default; no recipe named"
 
 
@@ -242,14 +253,16 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
     if len(set(names)) != len(names):
         raise EvalError(f"--model names must be unique, got {names}")
     specs = [resolve_model(n, v) for n, v in models]
-    rows_data, data_what = load_heldout(data, max_rows)
+    recipes = load_recipes(data=data, preference_data=preference_data)
+    rows_data, data_what = load_heldout(data, recipes["data"], max_rows)
     prompt_sets = load_prompts(prompts) if generation else []
-    pairs, pairs_what = load_heldout_pairs(preference_data) if preference_data else ([], None)
+    pairs, pairs_what = (load_heldout_pairs(preference_data, recipes["preference_data"]) if preference_data
+                         else ([], None))
     (max_length, length_from), (pairs_length, pairs_length_from) = (
-        scoring_length(max_length, data), scoring_length(max_length, preference_data, data))
+        scoring_length(max_length, recipes["data"]), scoring_length(max_length, recipes["preference_data"],
+                                                                     recipes["data"]))
     if beta is None:
-        recipe_beta = recipe_setting(preference_data, "beta")
-        beta = DEFAULT_BETA if recipe_beta is None else recipe_beta
+        beta = DEFAULT_BETA if recipes["preference_data"] is None else recipes["preference_data"].config.train.beta
     reference: dict[str, Any] = {}  # "name", "logps": the first model whose pair log-probs were computed
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows_data))
@@ -408,7 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.model_card:
-        append_to_model_card(args.model_card, results)
+        try:
+            append_to_model_card(args.model_card, results)
+        except OSError as exc:
+            print(f"error: --model-card={args.model_card} could not be written ({exc.strerror or exc}); accepted: a "
+                  f"README.md path in an existing folder (the results are in {args.out})", file=sys.stderr)
+            return 2
     print(results_markdown(results))
     return 0
 

@@ -24,3 +24,11 @@ def resolve_recipe_paths(cfg) -> None:
             src.path = str(resolve_repo_path(src.path))
     if data.validation_path and resolve_repo_path(data.validation_path) != Path(data.validation_path).expanduser():
         data.validation_path = str(resolve_repo_path(data.validation_path))
+
+
+def recipe_of(source: str) -> Path | None:
+    """The recipe a --data / --preference-data value names: a recipe YAML, or a run dir's config.yaml."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return path / "config.yaml"
+    return path if path.suffix in (".yaml", ".yml") else None

@@ -14,10 +14,13 @@ training's mask covers (training.chat_format.encode_conversation: the reply's co
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from training.chat_format import IGNORE_INDEX, encode_conversation, prompt_ids
+from training.paths import recipe_of
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 DEFAULT_BETA = 0.1  # TrainSection.beta's default
 
@@ -101,29 +104,16 @@ def preference_rate(model, tokenizer, pairs: Sequence[dict], max_length: int = 2
     return preference_figures(pair_logps(model, tokenizer, pairs, max_length), reference, beta)
 
 
-def recipe_of(source: str) -> Path | None:
-    """The recipe a --preference-data / --data value names: a recipe YAML, or a run dir's config.yaml."""
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / "config.yaml").is_file():
-        return path / "config.yaml"
-    return path if path.suffix in (".yaml", ".yml") else None
-
-
-def load_heldout_pairs(source: str) -> tuple[list[dict], str]:
-    """(pairs, description) from a dpo/kto recipe or its run dir (the prompts that recipe holds out, as finetune.py
-    splits them) or a preference data file (all its pairs: pairs, ratings or the Space's feedback records)."""
+def load_heldout_pairs(source: str, recipe: TrainConfig | None) -> tuple[list[dict], str]:
+    """(pairs, description) from a dpo/kto recipe or its run dir (`recipe`: that recipe, loaded once by the caller;
+    the prompts it holds out, as finetune.py splits them) or a preference data file (`recipe` None: all its pairs:
+    pairs, ratings or the Space's feedback records)."""
     from training.data import DataConfig, DataError, SourceConfig
     from training.data.preference import dpo_rows, heldout_pairs, load_judgements, prepare_preference_data
 
-    recipe = recipe_of(source)
     if recipe is not None:
-        from training.config import load_config
-        from training.paths import resolve_recipe_paths
-
-        cfg = load_config(recipe)
-        resolve_recipe_paths(cfg)
-        pairs = heldout_pairs(prepare_preference_data(cfg.data, "dpo", log=None).validation)
-        what = f"held-out prompts of {recipe}"
+        pairs = heldout_pairs(prepare_preference_data(recipe.data, "dpo", log=None).validation)
+        what = f"held-out prompts of {recipe_of(source)}"
     else:
         found, ratings, _ = load_judgements(DataConfig(sources=[SourceConfig(path=source)]), log=lambda _m: None)
         pairs = [{"prompt": r["prompt"], "chosen": r["chosen"][-1]["content"], "rejected": r["rejected"][-1]["content"]}

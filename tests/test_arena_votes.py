@@ -239,6 +239,25 @@ def test_evaluate_arena_prints_the_leaderboard_and_writes_the_model_card_section
         assert len(err.splitlines()) == 1
 
 
+def test_a_file_the_reader_cannot_read_or_a_model_card_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from training.evaluate import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# not votes\n")
+    assert main(["--arena", str(readme)]) == 2  # was pyarrow's ArrowInvalid: the unknown suffix read as parquet
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: --arena={readme} is not valid (a .md file")
+    assert ".jsonl, .json, .csv, .parquet" in err and "accepted:" in err
+
+    folder = write_jsonl(tmp_path / "fb" / "feedback-x.jsonl", simulate({"t": 1150, "b": 1000}, 40, seed=3)).parent
+    for card in (tmp_path / "fb", tmp_path / "no-such-folder" / "README.md"):  # IsADirectoryError, FileNotFoundError
+        assert main(["--arena", str(folder), "--model-card", str(card), "--rounds", "100"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --model-card={card} could not be written (")
+        assert "accepted: a README.md path in an existing folder" in err
+    assert not (tmp_path / "no-such-folder").exists()
+
+
 def test_a_hub_dataset_is_downloaded_with_snapshot_download(tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -2,6 +2,7 @@
 
 The Space writes it into the same files as its other feedback records (CHATBOT_FEEDBACK_DIR/feedback-*.jsonl,
 optionally pushed to a Hub dataset); `"type": "arena"` tells the two apart (feedback records have no `type`).
+ARENA_TYPE, LABELS, VOTES and the writer are the Space's (chatbot.arena_record); this module reads the records.
 
     {"type": "arena",
      "battle_id": "5f0c2d8e9a7b4c1e",            # random hex from the server that ran the battle; unique
@@ -32,11 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from chatbot.arena_record import ARENA_TYPE, LABELS, VOTES
+from chatbot.arena_record import vote_record as space_vote_record
 from training.data.errors import Drop
 
-ARENA_TYPE = "arena"
-LABELS = ("A", "B")
-VOTES = ("A", "B", "tie", "both_bad")
 ARENA_DROP_REASONS = {
     "bad_replies": "an arena record whose replies are not two objects labelled A and B, each with a reply string "
                    "and a model name",
@@ -108,14 +108,23 @@ def parse_battle(row: dict) -> Battle:
                   {label: by_label[label] for label in LABELS}, vote)
 
 
+def first_seen(battle: Battle, seen: set[str]) -> Battle:
+    """The battle, its id added to `seen`; Drop("duplicate_battle") when an earlier record had that id (a copy of
+    the same vote counts once)."""
+    if battle.battle_id in seen:
+        raise Drop("duplicate_battle")
+    seen.add(battle.battle_id)
+    return battle
+
+
 def vote_record(battle_id: str, timestamp: str, messages: list[dict], replies: list[dict], vote: str) -> dict:
-    """An arena record in the documented shape. `replies`: two {label, model, reply, sampling}, A and B."""
-    record = {"type": ARENA_TYPE, "battle_id": battle_id, "timestamp": timestamp, "messages": messages,
-              "replies": [{"label": r["label"], "model": r["model"], "reply": r["reply"],
-                           "sampling": r.get("sampling") or {}} for r in replies],
-              "vote": vote}
+    """The Space's arena record (chatbot.arena_record.vote_record, the writer it uses) of a battle voted at
+    `timestamp`. `replies`: two {label, model, reply, sampling}, A then B. ValueError naming the reason when
+    parse_battle, the one reader, would skip such a record (it fails here rather than later in training)."""
     try:
-        parse_battle(record)  # the writer and the reader agree, or this fails here rather than in training
+        parse_battle({"type": ARENA_TYPE, "battle_id": battle_id, "replies": replies, "vote": vote})
     except Drop as d:
         raise ValueError(f"not an arena record ({d.reason}): {ARENA_DROP_REASONS.get(d.reason, d.reason)}") from None
+    record = space_vote_record(battle_id, messages, [{**r, "sampling": r.get("sampling") or {}} for r in replies], vote)
+    record["timestamp"] = timestamp  # the Space stamps the time of the vote; a sample or test gives its own
     return record

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from training.data import (DROP_REASONS, DataConfig, DataError, DataReport, Drop, PreparedData, SourceConfig,
                            SourceReport, read_rows, source_name, validate)
-from training.data.arena_record import ARENA_DROP_REASONS, is_arena, parse_battle
+from training.data.arena_record import ARENA_DROP_REASONS, Battle, first_seen, is_arena, parse_battle
 
 OBJECTIVES = ("sft", "dpo", "kto")
 PREFERENCE_FORMATS = ("auto", "pairs", "ratings", "feedback")
@@ -153,10 +153,10 @@ def feedback_row(row: dict, system: str | None = None) -> tuple[list[dict], str,
     return _prompt(_messages(row["messages"]), reply, system), reply, None if rating is None else POSITIVE[rating]
 
 
-def arena_row(row: dict, system: str | None = None) -> tuple[list[dict], str | None, list[str]]:
-    """(prompt, the reply voted for or None, the undesirable replies) of one arena vote: A or B gives a pair,
-    both_bad two undesirable replies; Drop for a tie or a malformed record (training.data.arena_record)."""
-    battle = parse_battle(row)
+def arena_row(battle: Battle, system: str | None = None) -> tuple[list[dict], str | None, list[str]]:
+    """(prompt, the reply voted for or None, the undesirable replies) of one arena vote (parsed by
+    training.data.arena_record.parse_battle): A or B gives a pair, both_bad two undesirable replies; Drop for a tie
+    or an unusable prompt or reply."""
     if battle.vote == "tie":
         raise Drop("tie_vote")
     if battle.decided:
@@ -194,11 +194,7 @@ def read_judgements(src: SourceConfig, rows: list[Any], drops: Counter) -> tuple
                 prompt, completion, label = rating_row(row, src.system)
                 ratings.append({"prompt": prompt, "completion": completion, "label": label})
             elif is_arena(row):
-                battle_id = parse_battle(row).battle_id
-                if battle_id in battles:
-                    raise Drop("duplicate_battle")
-                battles.add(battle_id)
-                prompt, good, bad = arena_row(row, src.system)
+                prompt, good, bad = arena_row(first_seen(parse_battle(row), battles), src.system)
                 if good is not None:
                     pairs.append({"prompt": prompt, "chosen": good, "rejected": bad[0]})
                 else:

@@ -47,7 +47,9 @@ from statistics import NormalDist
 from typing import Any, Sequence
 
 from training.data import DataError, Drop
-from training.data.arena_record import Battle, is_arena, parse_battle
+from training.data.arena_record import Battle, first_seen, is_arena, parse_battle
+from training.data.read import LOCAL_SUFFIXES
+from training.evaluation.report import replace_card_section
 
 ELO = 400 / math.log(10)       # natural-log strength -> Elo points
 BASE_SCORE = 1000
@@ -79,6 +81,9 @@ def vote_files(source: str) -> list[Path]:
     """The .jsonl files of a local file or folder, or of the Hub dataset `source` (downloaded)."""
     path = Path(source).expanduser()
     if path.is_file():
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise ArenaError(f"--arena={source} is not valid (a {path.suffix or 'suffix-less'} file; the reader takes "
+                             f"{', '.join(LOCAL_SUFFIXES)}); accepted: {ACCEPTED}")
         return [path]
     if path.is_dir():
         return sorted(path.rglob("*.jsonl"))
@@ -122,10 +127,7 @@ def read_votes(source: str) -> Votes:
                 votes.other_records += 1
                 continue
             try:
-                battle = parse_battle(row)
-                if battle.battle_id in seen:
-                    raise Drop("duplicate_battle")
-                seen.add(battle.battle_id)
+                battle = first_seen(parse_battle(row), seen)
                 if battle.replies["A"].name == battle.replies["B"].name:
                     raise Drop("same_model")
             except Drop as d:
@@ -287,15 +289,7 @@ def leaderboard_markdown(results: dict) -> str:
 
 def write_model_card(card: str | Path, results: dict) -> Path:
     """Add (or replace, between its markers) the leaderboard section of a model card README.md."""
-    card = Path(card)
-    text = card.read_text() if card.is_file() else ""
-    section = f"{CARD_BEGIN}\n## Arena\n\n{leaderboard_markdown(results)}\n{CARD_END}"
-    if CARD_BEGIN in text and CARD_END in text:
-        text = text.split(CARD_BEGIN, 1)[0] + section + text.split(CARD_END, 1)[1]
-    else:
-        text = text.rstrip() + ("\n\n" if text.strip() else "") + section + "\n"
-    card.write_text(text)
-    return card
+    return replace_card_section(card, CARD_BEGIN, CARD_END, f"## Arena\n\n{leaderboard_markdown(results)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,7 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ArenaError(f"--rounds={args.rounds} is not valid; accepted: an integer >= 100")
         results = leaderboard(read_votes(args.arena), args.rounds, args.seed)
         if args.model_card:
-            write_model_card(args.model_card, results)
+            try:
+                write_model_card(args.model_card, results)
+            except OSError as exc:
+                raise ArenaError(f"--model-card={args.model_card} could not be written ({exc.strerror or exc}); "
+                                 "accepted: a README.md path in an existing folder") from None
     except ArenaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -92,19 +92,26 @@ def plot_quality_vs_speed(results: dict, path: Path) -> Path:
     return path
 
 
+def replace_card_section(card: str | Path, begin: str, end: str, body: str) -> Path:
+    """Write `body` between the markers `begin` and `end` into a model card README.md: in place of the section
+    those markers hold when the card has them, else at its end (a missing card is created). OSError when the card
+    cannot be written (a directory, or a folder that does not exist)."""
+    card = Path(card)
+    section = f"{begin}\n{body}\n{end}"
+    text = card.read_text() if card.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + section + "\n"
+    card.write_text(text)
+    return card
+
+
 def append_to_model_card(card: str | Path, results: dict | str | Path, title: str = "Evaluation") -> Path:
     """Add (or replace) the results table in a model card README.md; `results` is the dict, results.json or its dir.
     Idempotent: a second call replaces the section between the markers instead of adding another."""
     if not isinstance(results, dict):
         p = Path(results)
         results = json.loads((p / "results.json" if p.is_dir() else p).read_text())
-    card = Path(card)
-    text = card.read_text() if card.is_file() else ""
-    section = f"{CARD_BEGIN}\n## {title}\n\n{results_markdown(results)}\n{CARD_END}"
-    if CARD_BEGIN in text and CARD_END in text:
-        head, rest = text.split(CARD_BEGIN, 1)
-        text = head + section + rest.split(CARD_END, 1)[1]
-    else:
-        text = text.rstrip() + ("\n\n" if text.strip() else "") + section + "\n"
-    card.write_text(text)
-    return card
+    return replace_card_section(card, CARD_BEGIN, CARD_END, f"## {title}\n\n{results_markdown(results)}")

@@ -1,5 +1,7 @@
 """Write training/samples/arena_votes.jsonl: scripted votes of the Space's Arena, in the record format of
-training/data/arena_record.py, for the leaderboard and the DPO recipe's tests and docs.
+training/data/arena_record.py, written by the Space's own writer (chatbot.arena_record.vote_record, through
+training.data.arena_record.vote_record, which gives it the scripted clock's time), for the leaderboard and the DPO
+recipe's tests and docs.
 
 The story, with a known answer: the Space's SmolLM2 ("base") meets the KTO CPU recipe's export ("kto") on
 questions about this kit (make_sample.py's topics). The kto model gives the topic's direct answer 70% of the time,

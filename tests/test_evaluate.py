@@ -182,6 +182,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     bad.write_text("not json\n")
     assert main(["--model", "a=embedded", "--data", str(bad), "--no-generation", "--out", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
+    # Preference data with no pair in it (two plain conversations).
+    assert main(["--model", "a=embedded", "--data", str(data), "--preference-data", str(data), "--no-generation",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --preference-data") and "accepted" in err
 
 
 @pytest.mark.parametrize("option", ["--data", "--preference-data"])

@@ -256,8 +256,13 @@ def evaluate(models: Sequence[tuple[str, str]], data: str, out: str | Path, *, p
     recipes = load_recipes(data=data, preference_data=preference_data)
     rows_data, data_what = load_heldout(data, recipes["data"], max_rows)
     prompt_sets = load_prompts(prompts) if generation else []
-    pairs, pairs_what = (load_heldout_pairs(preference_data, recipes["preference_data"]) if preference_data
-                         else ([], None))
+    try:
+        pairs, pairs_what = (load_heldout_pairs(preference_data, recipes["preference_data"]) if preference_data
+                             else ([], None))
+    except DataError as exc:
+        said = str(exc)
+        raise EvalError(said if said.startswith("--preference-data") else f"--preference-data {preference_data!r}: "
+                                                                             f"{said}") from None
     (max_length, length_from), (pairs_length, pairs_length_from) = (
         scoring_length(max_length, recipes["data"]), scoring_length(max_length, recipes["preference_data"],
                                                                      recipes["data"]))

@@ -30,7 +30,7 @@ from chatbot.arena_record import LABELS, VOTES, served_model, vote_record
 from chatbot.backends.base import Backend, GenerationParams, fresh_seed
 from chatbot.feedback import FeedbackCollector
 from chatbot.history import build_messages, content_text, trim
-from chatbot.reply import conversation_key, notice, refuse_message, shown, stream_reply, too_long
+from chatbot.reply import notice, refuse_message, shown, stream_reply, too_long
 from chatbot.served_replies import IDLE_SECONDS, MAX_SESSIONS, sampling
 from chatbot.session_store import SessionStore
 from chatbot.settings import Settings, arena_settings
@@ -179,7 +179,8 @@ class Arena:
             if trim(messages, c.backend.count_tokens, c.backend.n_ctx, params.max_new_tokens) is None:
                 yield "", "", "", too_long(c.backend, messages, params.max_new_tokens)
                 return
-        params = replace(params, conversation=conversation_key(session, messages[-1:]))
+        params = replace(params, keep_state=False)  # the chat's cached conversations stay, and neither side is
+        #                                             sped up by state an earlier request left (which would tell it)
         order = list(self.contenders) if secrets.randbelow(2) == 0 else list(self.contenders)[::-1]
         jobs = [(c.backend, params if params.seed is not None else replace(params, seed=fresh_seed()))
                 for c in order]

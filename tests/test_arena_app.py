@@ -130,6 +130,8 @@ def test_a_battle_streams_both_models_in_random_order_and_the_vote_reveals_them(
     assert len({(u[1], u[2]) for u in updates}) >= 4  # streamed, not one final message
     names = {reply_a.split("]")[0][1:], reply_b.split("]")[0][1:]}
     assert names == {"alpha", "beta"} and "Vote below" in status
+    sides = [c for spy in (a.contenders[0].backend, a.contenders[1].backend) for c in spy.calls if "params" in c]
+    assert len(sides) == 2 and not any(c["params"].keep_state for c in sides)  # the chat's cache is left alone
     assert all(r.endswith("You said: What is LoRA? | system prompt: You are a helpful assistant. | temperature=0.2 "
                           "top_p=0.9 max_new_tokens=512 repeat_penalty=1.2 min_p=0.05 | messages: 2")
                for r in (reply_a, reply_b))  # each to its last word: one reply ending does not stop the other

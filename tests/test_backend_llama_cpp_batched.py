@@ -505,6 +505,10 @@ def test_each_conversation_reuses_only_its_own_saved_state():
         # ... while the same conversation asking again gets everything but the last prompt token.
         collect(cached.stream(first, replace(params, conversation="someone-else")))
         assert jobs[-1].reused == len(jobs[-1].prompt) - 1
+        # A request that keeps no state (an Arena battle) neither reuses that state nor leaves one of its own.
+        saved = {key: id(state) for key, state in cached.cache.entries.items()}
+        collect(cached.stream(first, replace(params, conversation="someone-else", keep_state=False)))
+        assert jobs[-1].reused == 0 and {key: id(s) for key, s in cached.cache.entries.items()} == saved
     finally:
         cached.close()
 

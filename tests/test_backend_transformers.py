@@ -186,6 +186,12 @@ def test_the_kept_cache_serves_only_its_own_conversation(tiny_llama_dir):
         list(backend.stream(MESSAGES, GenerationParams(max_new_tokens=6, temperature=0, conversation=key)))
     full = backend.count_tokens(MESSAGES)
     assert lengths == [full, full, 1]
+    # A request that keeps no state (an Arena battle in bob's session) reuses nothing and leaves bob's cache kept.
+    kept = backend.kept
+    state["new"] = True
+    list(backend.stream(MESSAGES, GenerationParams(max_new_tokens=6, temperature=0, conversation="bob",
+                                                   keep_state=False)))
+    assert lengths[-1] == full and backend.kept is kept
 
 
 def test_a_reply_on_zerogpu_stops_when_its_reserved_seconds_run_out(tiny_llama_dir):

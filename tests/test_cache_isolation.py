@@ -51,6 +51,25 @@ def test_a_conversation_returning_after_someone_else_gets_its_own_cached_state()
     assert evaluated[-1] < 30 and len(b.cache.cache_state) == 2
 
 
+@pytest.mark.parametrize("cache_mb", [0, 256], ids=["live-context", "prompt-cache"])
+def test_a_request_that_keeps_no_state_reuses_none_and_leaves_none(cache_mb):
+    """An Arena battle (GenerationParams.keep_state False) in alice's session, on alice's opening: evaluated in full,
+    the cache left as it was, and the live context emptied after it; alice's next turn still finds her state in the
+    cache (with the cache off, the live context was the battle's, so it is evaluated in full)."""
+    b = backend(cache_mb)
+    evaluated = count_evaluated(b)
+    alice = ask(DOCUMENT + "Summarise.")
+    size = b.count_tokens(alice)
+    alice.append({"role": "assistant", "content": reply(b, alice, GenerationParams(**GREEDY, conversation="alice"))})
+    kept = {key: id(state) for key, state in b.cache.cache_state.items()} if b.cache else None
+    reply(b, alice[:2], GenerationParams(**GREEDY, conversation="alice", keep_state=False))
+    assert evaluated[-1] == size
+    assert kept is None or {key: id(state) for key, state in b.cache.cache_state.items()} == kept
+    alice.append({"role": "user", "content": "Thanks."})
+    reply(b, alice, GenerationParams(**GREEDY, conversation="alice"))
+    assert evaluated[-1] < 30 if cache_mb else evaluated[-1] == b.count_tokens(alice)
+
+
 @pytest.mark.parametrize("cache_mb", [0, 256], ids=["cache-off", "cache-on"])
 def test_every_request_samples_afresh_unless_it_names_a_seed(cache_mb):
     """Issue item 2: with the cache on, load_state brought back the cached conversation's seed, so a retry after

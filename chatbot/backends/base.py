@@ -22,6 +22,8 @@ class GenerationParams:
     conversation: str | None = None  # opaque cache key: one conversation of one browser session. A backend that
     #                                  keeps prompt/KV state reuses it only for a request with the same key; None
     #                                  (scripts, benchmarks, tests) reuses only state saved under None.
+    keep_state: bool = True  # False: the request neither reuses saved state nor leaves any (the Arena's battles,
+    #                          so that they do not push the chat's conversations out of the cache)
 
 
 REPEAT_LAST_N = 64  # llama-cpp-python's last_n_tokens_size: the window the repeat penalty looks at

@@ -23,6 +23,7 @@ from chatbot.model_files import resolve_gguf
 from chatbot.settings import ConfigError, Settings
 
 TEMPLATE_KEY = "tokenizer.chat_template"
+NOBODY = object()  # the live context after a request that keeps no state: no conversation may reuse it
 
 
 @contextlib.contextmanager
@@ -83,7 +84,7 @@ class LlamaCppBackend:
         self.model_name = path.name
         self.n_ctx = self.llm.n_ctx()
         self.lock = threading.Lock()
-        self.live: str | None = None  # the conversation whose tokens are in the llama.cpp context now
+        self.live: object = None  # the conversation (key) whose tokens are in the llama.cpp context now, or NOBODY
         self.cache = None
         if settings.cache_mb > 0:
             from chatbot.backends.llama_cpp_cache import ConversationCache
@@ -91,14 +92,16 @@ class LlamaCppBackend:
             self.cache = ConversationCache(capacity_bytes=settings.cache_mb * 2**20)
             self.llm.set_cache(self.cache)
 
-    def enter(self, conversation: str | None) -> None:
+    def enter(self, conversation: str | None, keep_state: bool = True) -> None:
         """Make `conversation` the one whose state may be reused (called holding the lock): the context keeps another
-        conversation's tokens only as far as llama.cpp's prefix match would reuse them, so it is emptied."""
-        if conversation != self.live:
+        conversation's tokens only as far as llama.cpp's prefix match would reuse them, so it is emptied. A request
+        that keeps no state starts from an empty context, finds nothing in the cache and leaves nothing there, and
+        the next request starts from an empty context too."""
+        if conversation != self.live or not keep_state:
             self.llm.reset()
-            self.live = conversation
+        self.live = conversation if keep_state else NOBODY
         if self.cache is not None:
-            self.cache.current = conversation
+            self.cache.current, self.cache.keeping = conversation, keep_state
 
     def count_tokens(self, messages: list[dict]) -> int:
         # Exactly what create_chat_completion feeds the model: the rendered template, tokenised with specials.
@@ -113,7 +116,7 @@ class LlamaCppBackend:
             return
         chunks = None
         try:
-            self.enter(params.conversation)
+            self.enter(params.conversation, params.keep_state)
             chunks = self.llm.create_chat_completion(
                 messages=messages, stream=True, max_tokens=params.max_new_tokens, temperature=params.temperature,
                 top_p=params.top_p, min_p=params.min_p, repeat_penalty=params.repeat_penalty,

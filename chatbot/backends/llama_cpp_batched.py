@@ -104,7 +104,7 @@ class BatchedLlamaCppBackend:
             raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx}")
         job = Job(prompt, max_new_tokens=min(params.max_new_tokens, self.n_ctx - len(prompt)),
                   chooser=SequenceSampler(params, self.n_vocab), stops=list(rendered.stop or []),
-                  key=params.conversation, cancel=cancel)
+                  key=params.conversation, cancel=cancel, keep_state=params.keep_state)
         self.scheduler.submit(job)
         try:
             while True:

@@ -34,12 +34,14 @@ class ConversationCache(LlamaRAMCache):
       prefix of it (its earlier turns), which would otherwise fill the cache with copies of the same KV cells.
     - Each state belongs to the conversation that was `current` when it was saved; lookups see only the current
       conversation's states. The backend sets `current` under its model lock before each request. States idle for
-      IDLE_SECONDS are dropped at the next lookup or save.
+      IDLE_SECONDS are dropped at the next lookup or save. While `keeping` is False (a request that keeps no state,
+      GenerationParams.keep_state) lookups find nothing and nothing is saved.
     """
 
     def __init__(self, capacity_bytes: int, idle_seconds: float = IDLE_SECONDS):
         super().__init__(capacity_bytes=capacity_bytes)
         self.current: str | None = None
+        self.keeping = True  # False while a request that keeps no state runs: no lookup finds, no save stays
         self.owners: dict[tuple[int, ...], str | None] = {}
         self.used: dict[tuple[int, ...], float] = {}
         self.idle_seconds = idle_seconds
@@ -62,7 +64,7 @@ class ConversationCache(LlamaRAMCache):
     def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
         best, best_len = None, 0
         for k in self.cache_state:
-            if self.owners.get(k) != self.current:
+            if not self.keeping or self.owners.get(k) != self.current:
                 continue
             n = Llama.longest_token_prefix(k, key)
             if n > best_len:
@@ -80,6 +82,8 @@ class ConversationCache(LlamaRAMCache):
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         self.expire()
+        if not self.keeping:
+            return
         key = tuple(key)
         value.scores = value.scores[-1:].copy()  # load_state broadcasts one row into the rows it restores
         for older in [k for k in self.cache_state if self.owners.get(k) == self.current

@@ -64,6 +64,7 @@ class Job:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     closed: bool = False                    # the caller went away (generator closed)
     reused: int = 0                         # prompt tokens that came from the saved state, not evaluated again
+    keep_state: bool = True                 # False: no saved state is reused or kept (GenerationParams.keep_state)
 
     def stopped(self) -> bool:
         return self.closed or cancelled(self.cancel)
@@ -187,7 +188,7 @@ class SlotScheduler:
         slot.next_token, slot.generated, slot.unsent, slot.text = None, 0, 0, TextStream(job.stops)
         self.admitted += 1
         slot.order = self.admitted
-        saved = self.cache.get(job.key) if self.cache is not None else None
+        saved = self.cache.get(job.key) if self.cache is not None and job.keep_state else None
         if saved is not None:
             # At least the prompt's last token is evaluated again: its logits are what the first token comes from.
             keep = min(shared_prefix(saved.tokens, job.prompt), len(job.prompt) - 1)
@@ -263,7 +264,7 @@ class SlotScheduler:
             text = slot.text.flush()
             if text or slot.unsent:
                 job.out.put(Chunk(text, tokens=slot.unsent))
-        if self.cache is not None and slot.tokens:
+        if self.cache is not None and slot.tokens and job.keep_state:
             self.cache.put(job.key, SavedSequence(tuple(slot.tokens), self.save(slot.seq)))
         job.out.put(Chunk("", reason))
         self.release(slot)

@@ -190,7 +190,7 @@ class TransformersBackend:
             return
         try:
             if self._gpu_reply is None:
-                yield from self._reply(messages, params, cancel, keep=True)
+                yield from self._reply(messages, params, cancel, keep=params.keep_state)
             else:
                 yield from self._stream_from_gpu(messages, params, cancel)
         finally:
